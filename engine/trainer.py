@@ -275,7 +275,10 @@ class Engine:
     # -- the step -----------------------------------------------------------------------
 
     def run(self, max_steps: int | None = None) -> dict[str, Job]:
-        """Train until every job is finished (or ``max_steps`` batched steps, or a stop)."""
+        """Train until every job is finished (or ``max_steps`` batched steps, or a stop).
+
+        Jobs left unfinished by a stop or by ``max_steps`` get a checkpoint.
+        """
         steps = 0
         try:
             while not self._stop_requested and (max_steps is None or steps < max_steps):
@@ -284,11 +287,12 @@ class Engine:
                     break
                 self.step(jobs)
                 steps += 1
+            unfinished = [j for j in self.jobs.values() if j.state == RUNNING and j.step > 0]
+            for job in unfinished:
+                self.save_checkpoint(job)
             if self._stop_requested:
-                for job in self.jobs.values():
-                    if job.state == RUNNING and job.step > 0:
-                        self.save_checkpoint(job)
-                self.log("stopped on request; checkpoints saved")
+                self.log("stopped on request; checkpoints saved" if unfinished
+                         else "stopped on request")
         finally:
             self.emit("run_end", jobs={j.name: {"state": j.state, "step": j.step,
                                                "total_steps": j.total_steps}
@@ -393,7 +397,8 @@ class Engine:
                              target_modules=job.targets, use_rslora=cfg.use_rslora,
                              use_dora=cfg.use_dora, base_model=self.model_info["base_model"])
         meta = {"adapter": asdict(cfg), "step": job.step, "total_steps": job.total_steps,
-                "base_model": self.config.model.base_model, "prompt": cfg.prompt}
+                "base_model": self.config.model.base_model, "dtype": self.config.model.dtype,
+                "prompt": cfg.prompt}
         return adapter_files(self.model, job.name, config, meta)
 
     def save_checkpoint(self, job: Job) -> Path:

@@ -1,0 +1,160 @@
+"""Trying a trained adapter: generate a continuation of one prompt, with or without it.
+
+``generate`` reads an adapter folder as written by the engine (PEFT files plus
+``mlora_adapter.json``), loads the base model it was trained on, attaches the adapter to
+the same layers with the engine's own LoRA layers, and formats the prompt exactly as
+training formatted an Alpaca row with that instruction and no input, so what the adapter
+sees at generation time is what it learnt on. ``base_only`` runs the same prompt through
+the bare base model, for comparison.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from engine.adapters import attach_adapter, load_adapter_state, read_adapter_folder
+from engine.config import ModelConfig
+from engine.errors import ConfigError, UserError
+from engine.lora import BatchLayout
+from engine.models import find_target_linears, load_base_model, resolve_base_model, select_device
+from engine.prompts import PromptTemplate, load_template
+
+ADAPTER_NAME = "adapter"   # the adapter's name inside the model; any name would do
+
+
+def generate(adapter_dir: str | Path, prompt: str, *, base_only: bool = False,
+             max_new_tokens: int = 64, temperature: float = 0.0,
+             base_model: Optional[str] = None, raw: bool = False, seed: Optional[int] = None,
+             log: Optional[Callable[[str], None]] = None) -> str:
+    """The text the model generates after ``prompt`` (the continuation only).
+
+    ``temperature`` 0 decodes greedily; above 0 it samples (``seed`` makes that
+    repeatable). ``base_model`` overrides the base model recorded in the adapter folder.
+    ``raw`` sends ``prompt`` as is instead of through the adapter's prompt template (for
+    adapters trained on plain text rows). Every user mistake raises ``UserError``.
+    """
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    adapter_dir = Path(adapter_dir)
+    peft_cfg, state, meta = read_adapter_folder(adapter_dir)
+    template = None if raw else _template(meta, adapter_dir)
+
+    device = select_device()
+    model_path = _base_model_path(base_model, peft_cfg, meta, adapter_dir, log)
+    # The base runs in the dtype the adapter was trained with (recorded beside it).
+    dtype = meta.get("dtype", "fp32")
+    model, tokenizer, _info = load_base_model(ModelConfig(base_model=str(model_path), dtype=dtype),
+                                              device, log=log)
+    if not base_only:
+        layout = BatchLayout()
+        targets = _target_modules(peft_cfg, adapter_dir)
+        linears = find_target_linears(model, targets)
+        r = _rank(peft_cfg, adapter_dir)
+        attach_adapter(model, layout, ADAPTER_NAME, list(linears), r=r,
+                       alpha=float(peft_cfg.get("lora_alpha", r)), dropout=0.0,
+                       use_rslora=bool(peft_cfg.get("use_rslora", False)),
+                       use_dora=bool(peft_cfg.get("use_dora", False)), init_seed=0,
+                       device=device)
+        load_adapter_state(model, ADAPTER_NAME, state, source=str(adapter_dir))
+        # Generation batches are not split by job: the adapter applies to every row.
+        layout.set_single(ADAPTER_NAME)
+
+    ids = prompt_ids(prompt, tokenizer, template)
+    return _decode_continuation(model, tokenizer, ids, device, max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=seed)
+
+
+def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTemplate]) -> list[int]:
+    """Token ids of the prompt that training put before an Alpaca row's output.
+
+    Mirrors ``engine.data.encode_row`` for a row with this instruction and no input: a text
+    template is tokenized with the tokenizer's special tokens (BOS) and without a trailing
+    EOS; the chat template renders a user turn plus the assistant header, which already
+    holds any special tokens. ``template`` None sends the text as is, like a text row.
+    """
+    if template is not None and template.chat:
+        text = template.render(instruction, "", tokenizer=tokenizer)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = instruction if template is None else template.render(instruction, "")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if ids and ids[-1] == eos and not text.endswith(str(tokenizer.eos_token)):
+        ids = ids[:-1]
+    return ids
+
+
+@torch.inference_mode()
+def _decode_continuation(model, tokenizer, ids: list[int], device: torch.device, *,
+                         max_new_tokens: int, temperature: float, seed: Optional[int]) -> str:
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    # Every field is explicit so the model's own generation_config (which may ask for
+    # sampling, top-p and so on) does not change what --temperature means.
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
+                                   pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=_stop_ids(model, tokenizer))
+    if sample:
+        options.update(temperature=temperature, top_k=0, top_p=1.0)
+        if seed is not None:
+            torch.manual_seed(seed)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                            generation_config=GenerationConfig(**options))
+    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (chat models add theirs)."""
+    stops = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops.extend(configured if isinstance(configured, list) else [configured])
+    return list(dict.fromkeys(int(i) for i in stops if i is not None))
+
+
+def _template(meta: dict, adapter_dir: Path) -> PromptTemplate:
+    name = meta.get("prompt") or (meta.get("adapter") or {}).get("prompt") or "alpaca"
+    try:
+        return load_template(name)
+    except ConfigError as e:
+        raise UserError(f"{adapter_dir}: the adapter was trained with prompt template "
+                        f"{name!r}, which cannot be loaded ({e}); pass --raw to send the prompt "
+                        f"without a template") from None
+
+
+def _base_model_path(override: Optional[str], peft_cfg: dict, meta: dict, adapter_dir: Path,
+                     log: Optional[Callable[[str], None]]) -> Path:
+    """The local folder of the base model: the override, else what the adapter recorded."""
+    name = override or meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{adapter_dir}: the adapter does not say which base model it was "
+                        f"trained on; pass --base-model")
+    try:
+        return resolve_base_model(str(name), log)
+    except UserError as e:
+        if override:
+            raise
+        raise UserError(f"{e} (the base model recorded in {adapter_dir}); pass --base-model "
+                        f"to use another copy of it") from None
+
+
+def _rank(peft_cfg: dict, adapter_dir: Path) -> int:
+    r = peft_cfg.get("r")
+    if isinstance(r, int) and not isinstance(r, bool) and r > 0:
+        return r
+    raise UserError(f"{adapter_dir / 'adapter_config.json'}: r must be a positive integer, "
+                    f"got {r!r}")
+
+
+def _target_modules(peft_cfg: dict, adapter_dir: Path) -> list[str]:
+    targets = peft_cfg.get("target_modules")
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        return targets
+    raise UserError(f"{adapter_dir / 'adapter_config.json'}: target_modules must be a list of "
+                    f"module names, got {targets!r} (regular expressions and 'all-linear' are "
+                    f"not supported)")

@@ -1,0 +1,276 @@
+"""What a person sees on stderr during `mlora run`: live progress bars and the final summary.
+
+Both are fed the engine's event dicts (see ``engine.trainer.Engine``), one at a time, through
+``handle(event)``. ``RunProgress`` shows one bar per adapter (name, step/total, loss,
+tokens/s, ETA) and prints state changes, warnings and saved files above the bars.
+``RunSummary`` remembers where each job ended and prints, at the end, where every adapter
+is and the command to try it.
+
+Rich redraws the bars at a fixed rate from their fields, so an event only updates numbers
+and never forces a redraw: a fast run costs the same terminal traffic over SSH as a slow one.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Column
+from rich.text import Text
+
+_STATE_STYLES = {
+    "queued": "dim",
+    "running": "cyan",
+    "paused": "yellow",
+    "done": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+    "stopped": "yellow",
+}
+_UNFINISHED = ("queued", "running", "paused")
+_LOG_STYLES = {"debug": "dim", "info": "dim", "warning": "yellow", "error": "bold red"}
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1:02:03``, ``4:05`` or ``--:--`` when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "--:--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _format_loss(loss: float | None) -> str:
+    return "loss      -" if loss is None else f"loss {loss:6.4f}"
+
+
+def _format_speed(tokens_per_s: float | None) -> str:
+    if tokens_per_s is None:
+        return "      - tok/s"
+    return f"{tokens_per_s:7.0f} tok/s"
+
+
+class RunProgress:
+    """Rich progress bars on ``console`` (stderr), one per adapter, driven by engine events.
+
+    Use as a context manager around the run; events may arrive before the first job exists
+    (model loading) and after the last one ends.
+    """
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._progress = Progress(
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, max_width=28)),
+            BarColumn(bar_width=28),
+            MofNCompleteColumn(table_column=Column(justify="right", min_width=9)),
+            TextColumn("{task.fields[loss]}", table_column=Column(min_width=11)),
+            TextColumn("{task.fields[speed]}", table_column=Column(min_width=13)),
+            TextColumn("ETA {task.fields[eta]}", table_column=Column(min_width=11)),
+            TextColumn("{task.fields[state]}", table_column=Column(min_width=9)),
+            console=console,
+            refresh_per_second=4,
+            # stdout belongs to programs; stray stderr writes (library warnings) still go
+            # above the bars through Rich's stderr redirect.
+            redirect_stdout=False,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RunProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._progress.stop()
+
+    def print(self, message: str, style: str = "") -> None:
+        """A line above the bars; ``message`` is plain text (brackets are not markup)."""
+        self._progress.console.print(Text(message, style=style))
+
+    def handle(self, event: dict) -> None:
+        handler = getattr(self, f"_on_{event.get('type')}", None)
+        if handler is not None:
+            handler(event)
+
+    # -- one method per event type --------------------------------------------------------
+
+    def _on_run_start(self, event: dict) -> None:
+        params = event.get("num_params")
+        size = f", {params / 1e6:.1f}M parameters" if isinstance(params, (int, float)) else ""
+        self.print(f"Base model {event.get('base_model')} ({event.get('model_type')}{size}) on "
+                   f"{event.get('device')}, {event.get('dtype')}, attention "
+                   f"{event.get('attn_impl')}; output in {event.get('output_dir')}")
+
+    def _on_job_added(self, event: dict) -> None:
+        name = event["job"]
+        total = event.get("total_steps") or None
+        adapter = event.get("adapter") or {}
+        self._tasks[name] = self._progress.add_task(
+            name, total=total, loss=_format_loss(None), speed=_format_speed(None),
+            eta=format_duration(None), state=_state_text("queued"))
+        detail = f"r={adapter.get('r')}" if adapter else ""
+        self.print(f"{name}: added ({event.get('train_examples')} training examples, "
+                   f"{event.get('val_examples')} validation, {total} steps"
+                   f"{', ' + detail if detail else ''})", style="dim")
+
+    def _on_job_state(self, event: dict) -> None:
+        name, state = event["job"], event["state"]
+        task = self._tasks.get(name)
+        if task is not None:
+            self._progress.update(task, state=_state_text(state))
+            if state == "done":
+                self._progress.update(task, completed=event.get("total_steps"),
+                                      eta=format_duration(0))
+        if state == "queued":
+            return   # every job starts queued: saying so for each is noise
+        reason = event.get("reason")
+        self.print(f"{name}: {state}" + (f": {reason}" if reason else ""),
+                   style=_STATE_STYLES.get(state, ""))
+
+    def _on_step(self, event: dict) -> None:
+        task = self._tasks.get(event["job"])
+        if task is None:
+            return
+        self._progress.update(
+            task, completed=event.get("step"), total=event.get("total_steps") or None,
+            loss=_format_loss(event.get("loss")), speed=_format_speed(event.get("tokens_per_s")),
+            eta=format_duration(event.get("eta_s")))
+
+    def _on_eval(self, event: dict) -> None:
+        loss = event.get("eval_loss")
+        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
+        self.print(f"{event['job']}: validation loss {shown} at step {event.get('step')}")
+
+    def _on_checkpoint(self, event: dict) -> None:
+        self.print(f"{event['job']}: checkpoint at step {event.get('step')} in "
+                   f"{event.get('path')}", style="dim")
+
+    def _on_adapter_saved(self, event: dict) -> None:
+        self.print(f"{event['job']}: adapter saved to {event.get('path')}", style="green")
+
+    def _on_log(self, event: dict) -> None:
+        level = event.get("level", "info")
+        prefix = f"{level}: " if level in ("warning", "error") else ""
+        self.print(prefix + str(event.get("message", "")), style=_LOG_STYLES.get(level, ""))
+
+
+def _state_text(state: str) -> Text:
+    return Text(state, style=_STATE_STYLES.get(state, ""))
+
+
+@dataclass
+class JobOutcome:
+    """Where one job ended, as told by the events."""
+
+    name: str
+    state: str = "queued"
+    reason: str | None = None
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    adapter_path: str | None = None
+    checkpoint_path: str | None = None
+
+
+class RunSummary:
+    """Collects the outcome of every job from events and prints the end-of-run summary."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobOutcome] = {}
+        self.output_dir: str | None = None
+        self.ended = False
+
+    def _job(self, name: str) -> JobOutcome:
+        return self.jobs.setdefault(name, JobOutcome(name))
+
+    def handle(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "run_start":
+            self.output_dir = event.get("output_dir")
+        elif kind == "job_added":
+            self._job(event["job"]).total_steps = event.get("total_steps") or 0
+        elif kind == "job_state":
+            job = self._job(event["job"])
+            job.state, job.reason = event["state"], event.get("reason")
+            job.step = event.get("step", job.step)
+        elif kind == "step":
+            job = self._job(event["job"])
+            job.step, job.loss = event.get("step", job.step), event.get("loss")
+            job.total_steps = event.get("total_steps") or job.total_steps
+        elif kind == "eval":
+            self._job(event["job"]).eval_loss = event.get("eval_loss")
+        elif kind == "checkpoint":
+            self._job(event["job"]).checkpoint_path = event.get("path")
+        elif kind == "adapter_saved":
+            self._job(event["job"]).adapter_path = event.get("path")
+        elif kind == "run_end":
+            self.ended = True
+            for name, final in (event.get("jobs") or {}).items():
+                job = self._job(name)
+                job.state = final.get("state", job.state)
+                job.step = final.get("step", job.step)
+                job.total_steps = final.get("total_steps", job.total_steps)
+
+    @property
+    def any_failed(self) -> bool:
+        return any(job.state == "failed" for job in self.jobs.values())
+
+    def render(self, console: Console) -> None:
+        """Each adapter's state and folder, then the commands to try the finished ones."""
+        if not self.jobs:
+            return
+        states = {name: self.shown_state(job) for name, job in self.jobs.items()}
+        counts: dict[str, int] = {}
+        for state in states.values():
+            counts[state] = counts.get(state, 0) + 1
+        tally = ", ".join(f"{n} {state}" for state, n in counts.items())
+        console.print()
+        console.print(Text(f"Summary ({tally})", style="bold"))
+        width = max(len(name) for name in self.jobs)
+        for job in self.jobs.values():
+            line = Text("  ")
+            line.append(f"{job.name:<{width}}  ")
+            state = states[job.name]
+            line.append(f"{state:<11}", style=_STATE_STYLES.get(state, ""))
+            line.append(f" {job.step:>5}/{job.total_steps:<5}")
+            if job.loss is not None:
+                line.append(f"  loss {job.loss:.4f}")
+            if job.eval_loss is not None:
+                line.append(f"  val {job.eval_loss:.4f}")
+            where = self.adapter_folder(job)
+            if job.state == "done" and where:
+                line.append(f"  -> {where}", style="green")
+            elif where:
+                line.append(f"  last checkpoint: {where}")
+            else:
+                line.append("  nothing saved", style="dim")
+            if job.reason:
+                line.append(f"  ({job.reason})", style=_STATE_STYLES.get(job.state, ""))
+            console.print(line, soft_wrap=True)
+        tries = [(job, self.adapter_folder(job)) for job in self.jobs.values()]
+        tries = [(job, folder) for job, folder in tries if folder]
+        if tries:
+            console.print(Text("Try an adapter (add --base-only to compare with the base model):",
+                               style="bold"))
+            for _job, folder in tries:
+                console.print(Text(f'  mlora generate --adapter {shlex.quote(folder)} '
+                                   f'"Your instruction here"'), soft_wrap=True)
+        if self.output_dir:
+            console.print(Text(f"Every event is in {Path(self.output_dir) / 'metrics.jsonl'}",
+                               style="dim"), soft_wrap=True)
+
+    def shown_state(self, job: JobOutcome) -> str:
+        """The job's state; once the run has ended, nothing is running any more."""
+        if self.ended and job.state in _UNFINISHED:
+            return "stopped" if job.step else "not started"
+        return job.state
+
+    @staticmethod
+    def adapter_folder(job: JobOutcome) -> str | None:
+        """The folder to load: the final adapter, else the latest checkpoint (same format)."""
+        return job.adapter_path or job.checkpoint_path
