@@ -3,7 +3,7 @@
 ``generate`` reads an adapter folder as written by the engine (PEFT files plus
 ``mlora_adapter.json``), loads the base model it was trained on, attaches the adapter to
 the same layers with the engine's own LoRA layers, and formats the prompt exactly as
-training formatted an Alpaca row with that instruction and no input, so what the adapter
+training formatted an Alpaca row with that instruction and input, so what the adapter
 sees at generation time is what it learnt on. ``base_only`` runs the same prompt through
 the bare base model, for comparison.
 """
@@ -25,7 +25,7 @@ from engine.prompts import PromptTemplate, load_template
 ADAPTER_NAME = "adapter"   # the adapter's name inside the model; any name would do
 
 
-def generate(adapter_dir: str | Path, prompt: str, *, base_only: bool = False,
+def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only: bool = False,
              max_new_tokens: int = 64, temperature: float = 0.0,
              base_model: Optional[str] = None, raw: bool = False, seed: Optional[int] = None,
              log: Optional[Callable[[str], None]] = None) -> str:
@@ -64,23 +64,24 @@ def generate(adapter_dir: str | Path, prompt: str, *, base_only: bool = False,
         # Generation batches are not split by job: the adapter applies to every row.
         layout.set_single(ADAPTER_NAME)
 
-    ids = prompt_ids(prompt, tokenizer, template)
+    ids = prompt_ids(prompt, tokenizer, template, input)
     return _decode_continuation(model, tokenizer, ids, device, max_new_tokens=max_new_tokens,
                                 temperature=temperature, seed=seed)
 
 
-def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTemplate]) -> list[int]:
+def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTemplate],
+               input: str = "") -> list[int]:
     """Token ids of the prompt that training put before an Alpaca row's output.
 
-    Mirrors ``engine.data.encode_row`` for a row with this instruction and no input: a text
+    Mirrors ``engine.data.encode_row`` for a row with this instruction and input: a text
     template is tokenized with the tokenizer's special tokens (BOS) and without a trailing
     EOS; the chat template renders a user turn plus the assistant header, which already
     holds any special tokens. ``template`` None sends the text as is, like a text row.
     """
     if template is not None and template.chat:
-        text = template.render(instruction, "", tokenizer=tokenizer)
+        text = template.render(instruction, input, tokenizer=tokenizer)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = instruction if template is None else template.render(instruction, "")
+    text = instruction if template is None else template.render(instruction, input)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     eos = tokenizer.eos_token_id
     if ids and ids[-1] == eos and not text.endswith(str(tokenizer.eos_token)):

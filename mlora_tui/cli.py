@@ -251,6 +251,9 @@ def generate(
     adapter: Annotated[Path, typer.Option(
         "--adapter", help="A trained adapter folder (e.g. runs/demo/NAME, or one of its "
                           "checkpoints).", show_default=False)],
+    input_text: Annotated[str, typer.Option(
+        "--input", help="The row's input, for tasks trained on Alpaca rows with an input "
+                        "(as in the demo).", show_default=False)] = "",
     base_only: Annotated[bool, typer.Option(
         "--base-only", help="Use the adapter's base model and prompt format, without the "
                             "adapter (to compare).")] = False,
@@ -269,7 +272,7 @@ def generate(
     from engine.generate import generate as generate_text
 
     try:
-        text = generate_text(adapter, prompt, base_only=base_only, max_new_tokens=max_new_tokens,
+        text = generate_text(adapter, prompt, input=input_text, base_only=base_only, max_new_tokens=max_new_tokens,
                              temperature=temperature, base_model=base_model, raw=raw, seed=seed,
                              log=lambda message: stderr.print(Text(message, style="dim")))
     except UserError as e:
