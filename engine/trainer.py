@@ -13,6 +13,7 @@ from its own generator; it has its own optimizer, scheduler and clipping.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -23,9 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import (adapter_files, attach_adapter, load_adapter_state, peft_config,
-                             read_adapter_folder, write_files_atomically,
-                             write_folder_atomically)
+from engine.adapters import (adapter_files, adapter_modules, attach_adapter,
+                             load_adapter_state, peft_config, read_adapter_folder,
+                             write_files_atomically, write_folder_atomically)
 from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
@@ -247,7 +248,6 @@ class Engine:
         return job
 
     def _param_groups(self, name: str) -> dict[str, list]:
-        from engine.adapters import adapter_modules
         groups = {"A": [], "B": [], "magnitude": []}
         for adapter in adapter_modules(self.model, name).values():
             groups["A"].append(adapter.lora_A)
@@ -305,16 +305,8 @@ class Engine:
     def step(self, jobs: list[Job]) -> None:
         """One batched forward/backward over a micro-batch of each job in ``jobs``."""
         micro = [(job, job.next_micro_batch()) for job in jobs]
-        rows = [(job, job.data.train[i]) for job, indices in micro for i in indices]
-        width = max(len(example.input_ids) for _, example in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (_, example) in enumerate(rows):
-            n = len(example.input_ids)
-            input_ids[row, :n] = torch.tensor(example.input_ids)
-            labels[row, :n] = torch.tensor(example.labels)
-            attention[row, :n] = 1
+        input_ids, labels, attention = self._collate(
+            [job.data.train[i] for job, indices in micro for i in indices])
         segments, start = [], 0
         for job, indices in micro:
             own_width = max(len(job.data.train[i].input_ids) for i in indices)
@@ -346,6 +338,19 @@ class Engine:
                 if job.step >= job.total_steps:
                     self._finish(job)
 
+    def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, labels, attention_mask) of encoded examples, on the CPU."""
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example.input_ids)
+            ids[row, :n] = torch.tensor(example.input_ids)
+            labels[row, :n] = torch.tensor(example.labels)
+            attention[row, :n] = 1
+        return ids, labels, attention
+
     def _token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
         """Summed cross-entropy over the target tokens of these rows, and their count.
 
@@ -369,15 +374,7 @@ class Engine:
         total, count = 0.0, 0
         size = job.cfg.micro_batch_size
         for start in range(0, len(job.data.val), size):
-            examples = job.data.val[start:start + size]
-            width = max(len(e.input_ids) for e in examples)
-            ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-            attention = torch.zeros((len(examples), width), dtype=torch.long)
-            for row, e in enumerate(examples):
-                ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-                labels[row, :len(e.labels)] = torch.tensor(e.labels)
-                attention[row, :len(e.input_ids)] = 1
+            ids, labels, attention = self._collate(job.data.val[start:start + size])
             hidden = self.decoder(input_ids=ids.to(self.device),
                                   attention_mask=attention.to(self.device),
                                   use_cache=False).last_hidden_state
@@ -403,7 +400,6 @@ class Engine:
 
     def save_checkpoint(self, job: Job) -> Path:
         """Adapter, optimizer and scheduler state under checkpoints/step-N, atomically."""
-        import io
         files = self._adapter_files(job)
         for name, obj in (("optimizer.pt", job.optimizer.state_dict()),
                           ("scheduler.pt", job.scheduler.state_dict())):
