@@ -508,3 +508,21 @@ def test_convert_writes_valid_toml_for_odd_values(tmp_path):
     assert tomllib.loads(commented[2:])["odd"] == odd
     big = next(line for line in text.splitlines() if line.startswith("# big = "))
     assert math.isclose(tomllib.loads(big[2:])["big"], 1e300)
+
+
+@pytest.mark.parametrize("text, table, field, fragment",
+                         [case[1:] for case in BAD_CONFIGS], ids=[case[0] for case in BAD_CONFIGS])
+def test_bad_config_through_the_cli_exits_2_without_traceback(workdir, text, table, field,
+                                                              fragment):
+    """`mlora validate` on each bad config: exit code 2, the same message, no traceback."""
+    from typer.testing import CliRunner
+
+    from mlora_tui.cli import app
+
+    path = write(workdir, text)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    output = " ".join(result.output.split())
+    assert " ".join(fragment.split()) in output
+    assert "Traceback" not in output
