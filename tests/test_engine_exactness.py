@@ -135,8 +135,14 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
     model = peft.PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     cfg = engine.jobs[name].cfg
     data = engine.jobs[name].data
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if cfg.loraplus_lr_ratio != 1.0:
+        from peft.optimizers import create_loraplus_optimizer
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr,
+                                              loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                              weight_decay=0.0)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     pad = engine.tokenizer.pad_token_id
     done, epoch = 0, 0
     while done < steps:
@@ -165,7 +171,7 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "loraplus", "dora+loraplus"])
 def test_engine_training_equals_peft_training(variant, tiny_llama, data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +179,7 @@ def test_engine_training_equals_peft_training(variant, tiny_llama, data_files, t
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                   target_modules=["q_proj", "v_proj", "down_proj"],
-                                  use_rslora=variant == "rslora", use_dora=variant == "dora",
+                                  use_rslora=variant == "rslora", use_dora="dora" in variant,
                                   task_type="CAUSAL_LM")
     torch.manual_seed(0)
     initial = peft.get_peft_model(base, lora_config)
@@ -185,7 +191,8 @@ def test_engine_training_equals_peft_training(variant, tiny_llama, data_files, t
     initial.save_pretrained(init_dir)
 
     cfg = AdapterConfig(prompt="alpaca_short", name="job", data=data_files["a"], r=4, lora_alpha=8, lora_dropout=0.0,
-                        use_rslora=variant == "rslora", use_dora=variant == "dora",
+                        use_rslora=variant == "rslora", use_dora="dora" in variant,
+                        loraplus_lr_ratio=8.0 if "loraplus" in variant else 1.0,
                         target_modules=["q_proj", "v_proj", "down_proj"], batch_size=4,
                         micro_batch_size=2, num_epochs=1, lr=3e-3, init_from=str(init_dir))
     engine = Engine(_run_config(tiny_llama, tmp_path / "out", [cfg]))
