@@ -101,6 +101,10 @@ class Job:
                                    weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def started(self) -> None:
+        """The job enters the batch: its step timing (tokens/s, ETA) counts from now."""
+        self._step_started = time.monotonic()
+
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
@@ -269,6 +273,7 @@ class Engine:
                 break
             if job.state == QUEUED:
                 self._set_state(job, RUNNING)
+                job.started()
                 running.append(job)
         return running[:limit]
 
