@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import (adapter_files, adapter_modules, attach_adapter,
+from engine.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
                              load_adapter_state, peft_config, read_adapter_folder,
                              write_files_atomically, write_folder_atomically)
 from engine.config import AdapterConfig, RunConfig
@@ -279,20 +279,65 @@ class Engine:
 
     # -- the step -----------------------------------------------------------------------
 
-    def run(self, max_steps: int | None = None) -> dict[str, Job]:
+    # -- control: called between steps, by the thread that runs the engine ------------------
+
+    def job(self, name: str) -> Job:
+        if name not in self.jobs:
+            known = ", ".join(self.jobs) or "none"
+            raise UserError(f"no job named {name!r} (jobs: {known})")
+        return self.jobs[name]
+
+    def pause(self, name: str, reason: str = "paused by user") -> None:
+        """Take a job out of the batch; its accumulated gradients wait for its return."""
+        job = self.job(name)
+        if job.state not in (RUNNING, QUEUED):
+            raise UserError(f"job {name!r} is {job.state}; only running or queued jobs pause")
+        self._set_state(job, PAUSED, reason)
+
+    def resume(self, name: str) -> None:
+        job = self.job(name)
+        if job.state != PAUSED:
+            raise UserError(f"job {name!r} is {job.state}; only paused jobs resume")
+        self._set_state(job, QUEUED, "resumed")
+
+    def cancel(self, name: str, reason: str = "cancelled by user") -> None:
+        """End a job for good; its adapter leaves the model (checkpoints already saved stay)."""
+        job = self.job(name)
+        if job.finished:
+            raise UserError(f"job {name!r} is already {job.state}")
+        detach_adapter(self.model, name)
+        job.optimizer.zero_grad(set_to_none=True)
+        self._set_state(job, CANCELLED, reason)
+
+    def save_now(self, name: str | None = None) -> list[Path]:
+        """Checkpoint one job, or every unfinished job that has stepped."""
+        jobs = [self.job(name)] if name else [j for j in self.jobs.values() if not j.finished]
+        return [self.save_checkpoint(j) for j in jobs if j.step > 0 and not j.finished]
+
+    def run(self, max_steps: int | None = None,
+            poll: Callable[[bool], None] | None = None) -> dict[str, Job]:
         """Train until every job is finished (or ``max_steps`` batched steps, or a stop).
 
-        Jobs left unfinished by a stop or by ``max_steps`` get a checkpoint.
+        ``poll(wait)`` runs before every step to apply outside commands (pause, add, ...);
+        with ``wait`` True nothing can train and it should block briefly for a command.
+        Without ``poll`` the run ends when no job can train; with it, paused jobs keep the
+        engine waiting. Jobs left unfinished by a stop or by ``max_steps`` get a checkpoint.
         """
         steps = 0
         try:
             while not self._stop_requested and (max_steps is None or steps < max_steps):
+                if poll is not None:
+                    poll(False)
                 jobs = self._schedule()
                 if not jobs:
+                    if poll is not None and any(j.state == PAUSED for j in self.jobs.values()):
+                        poll(True)
+                        continue
                     break
                 self.step(jobs)
                 steps += 1
-            unfinished = [j for j in self.jobs.values() if j.state == RUNNING and j.step > 0]
+            unfinished = [j for j in self.jobs.values()
+                          if j.state in (RUNNING, PAUSED, QUEUED) and j.step > 0]
             for job in unfinished:
                 self.save_checkpoint(job)
             if self._stop_requested:
