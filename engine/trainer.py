@@ -81,6 +81,8 @@ class Job:
         self._step_started = time.monotonic()
         self._step_seconds: float | None = None
         self.history: list[dict] = []
+        self.last_metrics: dict = {}
+        self.eval_loss: float | None = None
         # Dropout draws from the job's own generator, on the device where masks are made.
         self.dropout_generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.parameters = params["A"] + params["B"] + params["magnitude"]
@@ -165,7 +167,24 @@ class Job:
             "eta_s": self._step_seconds * (self.total_steps - self.step),
         }
         self.history.append({"step": self.step, "loss": self._loss_sum})
+        self.last_metrics = metrics
         return metrics
+
+    @property
+    def variant(self) -> str:
+        cfg = self.cfg
+        name = "dora" if cfg.use_dora else "rslora" if cfg.use_rslora else "lora"
+        return name + ("+loraplus" if cfg.loraplus_lr_ratio != 1.0 else "")
+
+    def summary(self) -> dict:
+        """What a client shows of this job (protocol ``status``)."""
+        last = self.last_metrics
+        return {"name": self.name, "state": self.state, "reason": self.reason,
+                "step": self.step, "total_steps": self.total_steps,
+                "epoch": self.epoch_progress(), "variant": self.variant, "r": self.cfg.r,
+                "loss": last.get("loss"), "eval_loss": self.eval_loss, "lr": last.get("lr"),
+                "grad_norm": last.get("grad_norm"), "tokens_per_s": last.get("tokens_per_s"),
+                "eta_s": last.get("eta_s"), "adapter": asdict(self.cfg)}
 
     def epoch_progress(self) -> float:
         per_epoch = self.data.steps_per_epoch
@@ -308,6 +327,11 @@ class Engine:
         detach_adapter(self.model, name)
         job.optimizer.zero_grad(set_to_none=True)
         self._set_state(job, CANCELLED, reason)
+
+    def status(self) -> dict:
+        """The model and every job, as the protocol's ``status`` reply carries them."""
+        return {"model": dict(self.model_info), "output_dir": str(self.output_dir),
+                "jobs": [job.summary() for job in self.jobs.values()]}
 
     def save_now(self, name: str | None = None) -> list[Path]:
         """Checkpoint one job, or every unfinished job that has stepped."""
@@ -466,6 +490,7 @@ class Engine:
     def _finish(self, job: Job) -> None:
         eval_loss = self.evaluate(job)
         if eval_loss is not None:
+            job.eval_loss = eval_loss
             self.emit("eval", job=job.name, step=job.step, eval_loss=eval_loss)
         path = self.adapter_dir(job)
         write_files_atomically(path, self._adapter_files(job))
