@@ -47,7 +47,6 @@ class TrainConfig:
     cutoff_len: int = 256
     save_step: int = 100
     train_lora_simultaneously_num: int = 4
-    log_every: int = 1
 
 
 @dataclass
@@ -464,7 +463,6 @@ _TRAIN_RULES = {
     "cutoff_len": _int_at_least(MIN_CUTOFF_LEN),
     "save_step": _int_at_least(1),
     "train_lora_simultaneously_num": _int_at_least(1),
-    "log_every": _int_at_least(1),
 }
 _ADAPTER_RULES = {
     "r": _int_between(1, MAX_RANK),
