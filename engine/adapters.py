@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.errors import UserError
-from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, wrap_linears
+from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight, wrap_linears
 
 PEFT_PREFIX = "base_model.model."
 META_FILE = "mlora_adapter.json"
@@ -41,7 +41,7 @@ def attach_adapter(model: nn.Module, layout: BatchLayout, name: str, linear_name
             raise UserError(f"adapter {name!r} is already attached to {module_name}")
         adapter = LoraAdapter(module.in_features, module.out_features, r, alpha, dropout,
                               use_rslora, use_dora)
-        adapter.reset(generator, module.base.weight.detach().cpu())
+        adapter.reset(generator, dense_weight(module.base).detach().cpu())
         adapter.to(device)
         module.adapters[name] = adapter
         params.extend(adapter.parameters())

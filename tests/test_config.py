@@ -59,6 +59,8 @@ BAD_CONFIGS = [
     # [model]
     ("dtype", '[model]\ndtype = "fp8"\n' + ADAPTER, "model", "dtype",
      'expected one of "fp32", "bf16", "fp16", got "fp8"'),
+    ("quantize", '[model]\nquantize = "3bit"\n' + ADAPTER, "model", "quantize",
+     'one of "none", "4bit", "8bit"'),
     ("dtype_case", '[model]\ndtype = "BF16"\n' + ADAPTER, "model", "dtype",
      'got "BF16"; did you mean "bf16"?'),
     ("attn_impl", '[model]\nattn_impl = "flash"\n' + ADAPTER, "model", "attn_impl",

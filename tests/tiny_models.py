@@ -56,13 +56,16 @@ def _config_class(family: str):
     return getattr(transformers, names[family])
 
 
-def build_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
-    """Write a tiny randomly initialised ``family`` model plus the tiny tokenizer to ``path``."""
+def build_tiny_model(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny randomly initialised ``family`` model plus the tiny tokenizer to ``path``.
+
+    ``overrides`` change config fields (e.g. ``initializer_range``).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tiny_tokenizer()
-    config = _config_class(family)(**_COMMON, **_EXTRA.get(family, {}))
+    config = _config_class(family)(**{**_COMMON, **_EXTRA.get(family, {}), **overrides})
     assert config.vocab_size == len(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
