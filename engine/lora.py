@@ -11,15 +11,17 @@ Variants are small pieces on top of plain LoRA, with PEFT's math so adapters loa
 - DoRA: a trained magnitude vector rescales the row-normalised adapted weight;
 - LoRA+ lives in the optimizer (B's learning rate), not here.
 
-Exactness: dropout masks come from each job's own generator, so a job draws the same masks
-whether it trains alone or with others; adapter weights and their math are fp32 whatever
-the base dtype.
+Exactness: a dropout mask is a function of the job's micro-batch seed and the layer's name
+alone, so a job draws the same masks whether it trains alone or with others, and a
+recomputed forward (gradient checkpointing) draws the same masks again. Adapter weights and
+their math are fp32 whatever the base dtype.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -35,26 +37,43 @@ class Segment:
     # The job's own padded length. Dropout masks are drawn for these positions only, so a
     # job draws the same masks whether the batch is padded further for other jobs or not.
     length: int | None = None
+    # Seeds this micro-batch's dropout masks (with each layer's name); None: no dropout.
+    dropout_seed: int | None = None
 
 
 @dataclass
 class BatchLayout:
     """Row ranges of the current batch per adapter, shared by every MultiLoraLinear.
 
-    ``segments`` cover the batch's rows in order. ``single`` applies one adapter to every
-    row whatever the batch size (generation). ``dropout`` is on only while training.
+    ``segments`` cover the batch's rows in order (dropout where a segment has a seed).
+    ``single`` applies one adapter to every row whatever the batch size (generation,
+    evaluation), without dropout.
     """
 
     segments: list[Segment] = field(default_factory=list)
     single: str | None = None
-    dropout: bool = False
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
 
-    def set_segments(self, segments: list[Segment], *, dropout: bool) -> None:
-        self.segments, self.single, self.dropout = segments, None, dropout
+    def set_segments(self, segments: list[Segment]) -> None:
+        self.segments, self.single = segments, None
 
     def set_single(self, adapter: str | None) -> None:
-        self.segments, self.single, self.dropout = [], adapter, False
+        self.segments, self.single = [], adapter
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 steps), the same everywhere."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
 
 
 def dense_weight(base: nn.Linear) -> torch.Tensor:
@@ -159,11 +178,13 @@ def _dropout_mask(x: torch.Tensor, keep: float, generator: torch.Generator,
 class MultiLoraLinear(nn.Module):
     """A frozen base ``nn.Linear`` plus any number of named adapters, batched by rows."""
 
-    def __init__(self, base: nn.Linear, layout: BatchLayout):
+    def __init__(self, base: nn.Linear, layout: BatchLayout, name: str):
         super().__init__()
         self.base = base
         self.layout = layout
         self.adapters = nn.ModuleDict()
+        # Identifies the layer in dropout seeds: stable across runs and adapter sets.
+        self.name_key = zlib.crc32(name.encode())
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight of its projections
@@ -192,7 +213,10 @@ class MultiLoraLinear(nn.Module):
             rows = base_out[seg.start:seg.end]
             adapter = self.adapters[seg.adapter] if seg.adapter in self.adapters else None
             if adapter is not None:
-                generator = layout.generators.get(seg.adapter) if layout.dropout else None
+                generator = None
+                if seg.dropout_seed is not None and adapter.dropout_p > 0:
+                    generator = torch.Generator(device=x.device).manual_seed(
+                        mix_seed(seg.dropout_seed, self.name_key))
                 delta = adapter.delta(x[seg.start:seg.end], rows, self.base, generator,
                                       seg.length)
                 rows = rows + delta.to(rows.dtype)
@@ -212,7 +236,7 @@ def wrap_linears(model: nn.Module, names: list[str], layout: BatchLayout) -> dic
         parent, attr = _parent_and_attr(model, name)
         module = getattr(parent, attr)
         if not isinstance(module, MultiLoraLinear):
-            module = MultiLoraLinear(module, layout)
+            module = MultiLoraLinear(module, layout, name)
             setattr(parent, attr, module)
         wrapped[name] = module
     return wrapped

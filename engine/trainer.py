@@ -8,7 +8,7 @@ whose gradient accumulation is complete clip and step its own optimizer.
 Exactness: nothing in a job's arithmetic depends on the other jobs in the batch. Its loss is
 the sum of token losses over its own target tokens divided by the number of target tokens
 in its whole optimizer batch (so accumulation equals one big batch); its dropout masks come
-from its own generator; it has its own optimizer, scheduler and clipping.
+from its own seed and micro-batch count; it has its own optimizer, scheduler and clipping.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine.adapters import (adapter_files, adapter_modules, attach_adapter, det
 from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
-from engine.lora import BatchLayout, Segment
+from engine.lora import BatchLayout, Segment, mix_seed
 from engine.models import (default_targets, find_target_linears, hidden_states_and_head,
                            load_base_model, select_device)
 from engine.prompts import load_template
@@ -62,7 +62,7 @@ class Job:
     """One adapter being trained: its data, weights, optimizer, schedule and progress."""
 
     def __init__(self, cfg: AdapterConfig, data: JobData, params: dict[str, list], seed: int,
-                 device: torch.device, targets: list[str]):
+                 targets: list[str]):
         self.cfg = cfg
         self.name = cfg.name
         self.data = data
@@ -83,8 +83,8 @@ class Job:
         self.history: list[dict] = []
         self.last_metrics: dict = {}
         self.eval_loss: float | None = None
-        # Dropout draws from the job's own generator, on the device where masks are made.
-        self.dropout_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        # Counts micro-batches drawn: with the seed it names each micro-batch's dropout masks.
+        self.micro_batches_drawn = 0
         self.parameters = params["A"] + params["B"] + params["magnitude"]
         self.optimizer = self._make_optimizer(params)
         warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
@@ -123,7 +123,12 @@ class Job:
             self._batch_targets = sum(_count_targets(self.data.train[i].labels) for i in batch)
             self._loss_sum = 0.0
             self._tokens = 0
+        self.micro_batches_drawn += 1
         return self._pending.pop(0)
+
+    def dropout_seed(self) -> int:
+        """The seed of the current micro-batch's dropout masks."""
+        return mix_seed(self.seed, self.micro_batches_drawn)
 
     @property
     def accumulation_complete(self) -> bool:
@@ -262,7 +267,7 @@ class Engine:
             _config, state, _meta = read_adapter_folder(cfg.init_from)
             load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
         params = self._param_groups(cfg.name)
-        job = Job(cfg, data, params, seed, self.device, sorted(targets))
+        job = Job(cfg, data, params, seed, sorted(targets))
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
                   train_examples=len(data.train), val_examples=len(data.val),
@@ -384,10 +389,10 @@ class Engine:
         segments, start = [], 0
         for job, indices in micro:
             own_width = max(len(job.data.train[i].input_ids) for i in indices)
-            segments.append(Segment(job.name, start, start + len(indices), own_width))
+            segments.append(Segment(job.name, start, start + len(indices), own_width,
+                                    job.dropout_seed()))
             start += len(indices)
-        self.layout.set_segments(segments, dropout=True)
-        self.layout.generators = {job.name: job.dropout_generator for job in jobs}
+        self.layout.set_segments(segments)
 
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),

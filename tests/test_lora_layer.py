@@ -67,7 +67,7 @@ def test_forward_and_grads_match_peft(variant):
     assert not result.unexpected_keys
 
     x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(3))
-    layout.set_segments([Segment("a", 0, 3)], dropout=True)
+    layout.set_segments([Segment("a", 0, 3, dropout_seed=1)])
     out_ours = ours(x)
     out_ref = reference(x)
     torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-6)
@@ -108,10 +108,9 @@ def test_each_adapter_touches_only_its_own_rows():
     # Together, padded to the widest job.
     segments, start = [], 0
     for name in specs:
-        segments.append(Segment(name, start, start + rows[name], lengths[name]))
+        segments.append(Segment(name, start, start + rows[name], lengths[name], seeds[name]))
         start += rows[name]
-    layout.set_segments(segments, dropout=True)
-    layout.generators = {n: torch.Generator().manual_seed(s) for n, s in seeds.items()}
+    layout.set_segments(segments)
     together = shared(torch.cat([inputs[n] for n in specs]))
     loss = sum(together[s.start:s.end, :lengths[s.adapter]].square().sum() for s in segments)
     loss.backward()
@@ -120,8 +119,7 @@ def test_each_adapter_touches_only_its_own_rows():
         name = seg.adapter
         model = alone_models[name]
         alone_layout = next(m.layout for m in model.modules() if hasattr(m, "layout"))
-        alone_layout.set_segments([Segment(name, 0, rows[name], lengths[name])], dropout=True)
-        alone_layout.generators = {name: torch.Generator().manual_seed(seeds[name])}
+        alone_layout.set_segments([Segment(name, 0, rows[name], lengths[name], seeds[name])])
         x = inputs[name][:, :lengths[name]]
         out = model(x)
         torch.testing.assert_close(together[seg.start:seg.end, :lengths[name]], out,
@@ -141,7 +139,7 @@ def test_rows_of_an_adapter_without_this_target_pass_unchanged():
                    use_rslora=False, use_dora=False, init_seed=0, device=torch.device("cpu"))
     _randomize(model, "only_up", 1)
     x = torch.randn(4, 3, 12)
-    layout.set_segments([Segment(None, 0, 2), Segment("only_up", 2, 4)], dropout=False)
+    layout.set_segments([Segment(None, 0, 2), Segment("only_up", 2, 4)])
     out = model(x)
     torch.testing.assert_close(out[:2], reference(x[:2]))
     assert not torch.allclose(out[2:], reference(x[2:]))
