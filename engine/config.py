@@ -48,6 +48,7 @@ class TrainConfig:
     cutoff_len: int = 256
     save_step: int = 100
     train_lora_simultaneously_num: int = 4
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -361,17 +361,41 @@ def find_target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Li
     return found
 
 
-def _decoder_layers_prefix(model: nn.Module) -> str:
-    """``"<name of the decoder's layer list>."``, e.g. ``"model.layers."``."""
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of transformer blocks."""
     decoder, _, _ = hidden_states_and_head(model)
     # The decoder layers are the decoder's longest direct ModuleList (`layers` in every
     # supported family, `h` or `blocks` in others).
     lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
-    layers = max(lists, key=len)
+    return max(lists, key=len)
+
+
+def _decoder_layers_prefix(model: nn.Module) -> str:
+    """``"<name of the decoder's layer list>."``, e.g. ``"model.layers."``."""
+    layers = decoder_layers(model)
     name = next(n for n, m in model.named_modules() if m is layers)
     return name + "."
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block's activations in the backward pass instead of keeping them.
+
+    The model stays in eval mode (its own dropout off), where transformers' switch does
+    nothing, so each block's forward is wrapped here. Adapter dropout masks are functions of
+    seeds (engine.lora), so the recomputed forward is the same forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        layer.forward = checkpointed
 
 
 def hidden_states_and_head(model: nn.Module):

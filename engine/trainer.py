@@ -31,8 +31,9 @@ from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
 from engine.lora import BatchLayout, Segment, mix_seed
-from engine.models import (default_targets, find_target_linears, hidden_states_and_head,
-                           load_base_model, select_device)
+from engine.models import (default_targets, enable_gradient_checkpointing,
+                           find_target_linears, hidden_states_and_head, load_base_model,
+                           select_device)
 from engine.prompts import load_template
 
 IGNORE_INDEX = -100
@@ -217,6 +218,8 @@ class Engine:
         self.model, self.tokenizer, self.model_info = load_base_model(
             config.model, self.device, log=self.log)
         self.decoder, self.lm_head, self.softcap = hidden_states_and_head(self.model)
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.layout = BatchLayout()
         self.jobs: dict[str, Job] = {}
         self.emit("run_start", config=config.source, output_dir=str(self.output_dir),
