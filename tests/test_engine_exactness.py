@@ -342,3 +342,22 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tiny_llam
     assert len(calls) == 2 * len(steps)
     for cfg in adapters:
         _assert_same(_weights(checkpointed, cfg.name), _weights(plain, cfg.name), rtol=1e-5)
+
+
+def test_bf16_base_trains_like_fp32_within_bf16_tolerance(tiny_llama, data_files, tmp_path):
+    """The base in bf16, adapters and optimizer in fp32: close to the all-fp32 run."""
+    adapters = _three_adapters(data_files)[:1]
+    adapters[0].num_epochs = 1
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        config = _run_config(tiny_llama, tmp_path / dtype, adapters)
+        config.model.dtype = dtype
+        engine = Engine(config)
+        engine.run()
+        results[dtype] = _weights(engine, "plain")
+        assert all(v.dtype == torch.float32 for v in results[dtype].values())
+    for key, reference in results["fp32"].items():
+        diff = (results["bf16"][key] - reference).norm() / reference.norm()
+        assert diff < 0.05, f"{key}: {diff:.3g}"
+    # ...and bf16 is not secretly fp32: the runs differ.
+    assert any(not torch.equal(results["bf16"][k], v) for k, v in results["fp32"].items())
