@@ -197,6 +197,21 @@ class Job:
         return round(self.step / per_epoch, 3) if per_epoch else 0.0
 
 
+class _StepClock:
+    """Wall time of a step's phases (synchronising the GPU at each boundary, if any)."""
+
+    def __init__(self, device: torch.device):
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.laps[phase] = round(now - self._last, 6)
+        self._last = now
+
+
 def _count_targets(labels: list[int]) -> int:
     # Position 0 is never predicted: the loss uses labels shifted by one.
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
@@ -360,6 +375,8 @@ class Engine:
             while not self._stop_requested and (max_steps is None or steps < max_steps):
                 if poll is not None:
                     poll(False)
+                    if self._stop_requested:
+                        break
                 jobs = self._schedule()
                 if not jobs:
                     if poll is not None and any(j.state == PAUSED for j in self.jobs.values()):
@@ -386,6 +403,7 @@ class Engine:
 
     def step(self, jobs: list[Job]) -> None:
         """One batched forward/backward over a micro-batch of each job in ``jobs``."""
+        clock = _StepClock(self.device)
         micro = [(job, job.next_micro_batch()) for job in jobs]
         input_ids, labels, attention = self._collate(
             [job.data.train[i] for job, indices in micro for i in indices])
@@ -398,6 +416,7 @@ class Engine:
         self.layout.set_segments(segments)
 
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        clock.lap("data")
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),
                               use_cache=False).last_hidden_state
         total = None
@@ -408,17 +427,24 @@ class Engine:
             total = job_loss if total is None else total + job_loss
             tokens = int(attention[seg.start:seg.end].sum())
             job.record_micro_batch(float(job_loss.detach()), tokens)
+        clock.lap("forward")
         if total is not None and total.requires_grad:
             total.backward()
+        clock.lap("backward")
 
-        for job, _ in micro:
-            if job.accumulation_complete:
-                metrics = job.optimizer_step()
-                self.emit("step", job=job.name, **metrics)
-                if job.step % self.config.train.save_step == 0 and job.step < job.total_steps:
-                    self.save_checkpoint(job)
-                if job.step >= job.total_steps:
-                    self._finish(job)
+        stepped = [job for job, _ in micro if job.accumulation_complete]
+        metrics = {job.name: job.optimizer_step() for job in stepped}
+        clock.lap("optimizer")
+        real_tokens = int(attention.sum())
+        self.emit("batch", jobs=[job.name for job in jobs], rows=int(attention.shape[0]),
+                  tokens=real_tokens, padding=round(1 - real_tokens / attention.numel(), 4),
+                  seconds=clock.laps)
+        for job in stepped:
+            self.emit("step", job=job.name, **metrics[job.name])
+            if job.step % self.config.train.save_step == 0 and job.step < job.total_steps:
+                self.save_checkpoint(job)
+            if job.step >= job.total_steps:
+                self._finish(job)
 
     def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded (input_ids, labels, attention_mask) of encoded examples, on the CPU."""
