@@ -15,8 +15,11 @@ first replays every event since the engine started (so a late client draws the w
 curves), then streams new ones; ``seq`` numbers events from 1 without gaps.
 
 Events are the engine's own event dicts (docs/architecture.md lists them). The engine
-process adds ``resource`` events: {rss_bytes, cpu_percent, device, device_memory_bytes,
-device_memory_total_bytes} (fields it cannot read are null).
+process adds ``resource`` events every ~2 s: {rss_bytes, cpu_percent, device,
+device_memory_bytes, device_memory_total_bytes, device_utilization} (fields it cannot read
+are null), and, as its very last event before it closes every connection, ``engine_exit``:
+{code, reason}, the process's exit code (0 ended or stopped, 1 a job failed or the engine
+crashed, 2 a config/data/model error, 130 aborted) and why.
 """
 
 from __future__ import annotations

@@ -1,22 +1,30 @@
-"""The `mlora` command line: run, validate and convert configs, and try trained adapters.
+"""The `mlora` command line: engines, jobs, configs, and trying trained adapters.
+
+Training runs in an engine process (engine/server.py) that outlives the terminal; these
+commands start it, watch it and steer it over its Unix socket (mlora_tui/launcher.py,
+mlora_tui/client.py): `run` starts one (or attaches to the one already running for the
+config) and shows its progress, `attach` watches a running one, `ps` lists them, `jobs ...`
+steers their jobs, `stop` stops one gracefully, and `serve` is the engine process itself.
 
 People read stderr (progress bars, messages), programs read stdout (``--json`` events,
-generated text, converted TOML). A user mistake (``engine.errors.UserError``: config, data,
-adapter folder) prints its message on stderr and exits with code 2, never a traceback.
+``ps``/``jobs list`` tables, generated text, converted TOML). A user mistake
+(``engine.errors.UserError``: config, data, adapter folder, a request the engine refuses)
+prints its message on stderr and exits with code 2, never a traceback; an engine that is
+not running or does not answer exits with 3.
 
-Nothing here imports torch at module level: ``mlora --help``, ``validate`` and ``convert``
-use only the torch-free ``engine.errors``, ``engine.config``, ``engine.data`` and
-``engine.convert``, and start fast; ``run`` and ``generate`` import the engine inside the
-command.
+Nothing here imports torch: the engine runs in its own process, and only ``serve`` and
+``generate`` import it, inside the command. ``mlora --help`` starts fast.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -26,22 +34,41 @@ from engine.errors import UserError
 
 if TYPE_CHECKING:
     from engine.config import AdapterConfig, RunConfig
-    from mlora_tui.progress import RunSummary
+    from engine.runtime import EngineRecord
+    from mlora_tui.client import EngineClient
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USER_ERROR = 2
+EXIT_NO_ENGINE = 3       # no such engine running, or it does not answer
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what shells report for Ctrl-C
+
+EXIT_CODES_HELP = (
+    "[bold]Exit codes[/bold]: 0 success; 1 a job failed (or the engine crashed); 2 usage, "
+    "config or data error, or a request the engine refused; 3 no such engine running, or it "
+    "does not answer; 130 interrupted with Ctrl-C.")
 
 app = typer.Typer(
     name="mlora",
     help="Train many LoRA adapters at once on one shared base model.\n\n"
-         "Start with [bold]mlora validate CONFIG[/bold], then [bold]mlora run CONFIG[/bold].",
+         "Start with [bold]mlora validate CONFIG[/bold], then [bold]mlora run CONFIG[/bold]. "
+         "Training runs in an engine process that survives the terminal: "
+         "[bold]mlora attach[/bold], [bold]mlora ps[/bold], [bold]mlora jobs[/bold] and "
+         "[bold]mlora stop[/bold] reach it again.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     rich_markup_mode="rich",
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+jobs_app = typer.Typer(
+    help="List and steer the jobs of a running engine (one adapter each).\n\n"
+         "Commands are applied between two training steps, in the order they arrive. "
+         "[bold]--engine NAME[/bold] picks the engine when several run (see mlora ps).\n\n"
+         + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(jobs_app, name="jobs")
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -50,6 +77,10 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     """Print ``message`` (plain text: brackets in it are not markup) on stderr and exit."""
     stderr.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _say(message: str, style: str = "") -> None:
+    stderr.print(Text(message, style=style), soft_wrap=True)
 
 
 def _load_config(path: Path) -> "RunConfig":
@@ -61,33 +92,88 @@ def _load_config(path: Path) -> "RunConfig":
         _fail(str(e))
 
 
-# -- run ----------------------------------------------------------------------------------
+# -- talking to engines -------------------------------------------------------------------
+
+def _run_client(coro: Awaitable[Any]) -> Any:
+    """Run a client coroutine; engine and request errors become messages and exit codes."""
+    from engine.runtime import EngineNotFound
+    from mlora_tui.client import EngineUnavailable, RequestFailed, run_sync
+
+    try:
+        return run_sync(coro)
+    except (EngineNotFound, EngineUnavailable) as e:
+        _fail(str(e), EXIT_NO_ENGINE)
+    except RequestFailed as e:
+        if e.code == "user_error":
+            _fail(e.message)
+        _fail(f"the engine refused the request ({e.code}): {e.message}", EXIT_JOB_FAILED)
+    except UserError as e:
+        _fail(str(e))
+
+
+def _target(name: Optional[str]) -> "EngineRecord":
+    from engine.runtime import EngineNotFound
+    from mlora_tui.launcher import attach_target
+
+    try:
+        return attach_target(name)
+    except EngineNotFound as e:
+        _fail(str(e), EXIT_NO_ENGINE)
+    except UserError as e:
+        _fail(str(e))
+
+
+async def _with_client(record: "EngineRecord",
+                       action: Callable[["EngineClient"], Awaitable[Any]]) -> Any:
+    from mlora_tui.client import EngineClient
+
+    client = await EngineClient.connect(record.socket, client="mlora")
+    try:
+        return await action(client)
+    finally:
+        await client.close()
+
+
+def _engine_request(engine: Optional[str],
+                    action: Callable[["EngineClient"], Awaitable[Any]]) -> Any:
+    """Connect to the chosen engine, run ``action(client)``, and return its result."""
+    record = _target(engine)
+    return _run_client(_with_client(record, action))
+
+
+EngineOption = Annotated[Optional[str], typer.Option(
+    "--engine", "-e", help="The engine's name or pid (see mlora ps); default: the only "
+                           "one running.", show_default=False)]
+
+
+# -- run, attach ----------------------------------------------------------------------------
 
 # Help texts: one line per paragraph, so Rich wraps them to the terminal's width.
 RUN_HELP = "\n\n".join([
     "Train every adapter in CONFIG together until all jobs finish.",
+    "Training runs in an engine process of its own (its log: OUTPUT_DIR/engine.log), so "
+    "closing the terminal or losing SSH never stops it. If an engine already runs for "
+    "CONFIG's output_dir, this attaches to it instead of starting another.",
     "Progress goes to stderr: one bar per adapter, with state changes and warnings above the "
     "bars. With [bold]--json[/bold], stdout gets every engine event as one JSON object a line "
     "(the same lines as OUTPUT_DIR/metrics.jsonl) and no bars are drawn.",
-    "Ctrl-C stops after the current step and saves a checkpoint of every unfinished job; a "
-    "second Ctrl-C aborts at once.",
-    "[bold]Exit codes[/bold]: 0 every job finished (or --max-steps was reached) with no "
-    "failure; 1 some job failed; 2 usage, config or data error; 130 interrupted with Ctrl-C.",
+    "Ctrl-C stops the engine after the current step and saves a checkpoint of every "
+    "unfinished job; a second Ctrl-C detaches at once (the engine still stops). With "
+    "[bold]--detach[/bold] the command returns once the engine answers and leaves it "
+    "training: watch it with [bold]mlora attach NAME[/bold] or [bold]mlora-tui --attach "
+    "NAME[/bold].",
+    "[bold]Exit codes[/bold]: 0 every job finished (or --max-steps was reached, or the "
+    "engine was stopped by someone else) with no failure, or --detach; 1 some job failed or "
+    "the engine crashed; 2 usage, config or data error; 130 interrupted with Ctrl-C.",
 ])
-VALIDATE_HELP = "\n\n".join([
-    "Check CONFIG and its data files without loading a model; print what it would train.",
-    "[bold]Exit codes[/bold]: 0 the config is valid; 2 it is not (the message names the file, "
-    "the table, the field and what was expected).",
-])
-CONVERT_HELP = "\n\n".join([
-    "Turn an m-LoRA JSON config into an mlora-tui TOML config.",
-    "[bold]Exit codes[/bold]: 0 converted; 2 the file is missing or not an m-LoRA config.",
-])
-GENERATE_HELP = "\n\n".join([
-    "Generate a reply to PROMPT with a trained adapter; prints only the generated text.",
-    "The prompt is formatted with the adapter's prompt template, the way training formatted "
-    "an instruction with no input. The base model is the one the adapter was trained on.",
-    "[bold]Exit codes[/bold]: 0 generated; 2 bad adapter folder, base model or option.",
+ATTACH_HELP = "\n\n".join([
+    "Watch a running engine: its whole history so far, then live, as [bold]mlora run[/bold] "
+    "shows it.",
+    "NAME is the engine's name or pid (see [bold]mlora ps[/bold]); without it, the only "
+    "engine running. Ctrl-C only detaches: the engine keeps training.",
+    "[bold]Exit codes[/bold]: 0 the engine's run ended with no failure; 1 a job failed or "
+    "the engine crashed; 3 no such engine running, or it does not answer; 130 detached with "
+    "Ctrl-C.",
 ])
 
 
@@ -95,81 +181,143 @@ GENERATE_HELP = "\n\n".join([
 def run(
     config: Annotated[Path, typer.Argument(help="The run's TOML config.", show_default=False)],
     json_lines: Annotated[bool, typer.Option(
-        "--json", help="Print every event as a JSON line on stdout instead of progress bars.")] = False,
+        "--json", help="Print every event as a JSON line on stdout instead of progress bars "
+                       "(with --detach: the engine's record).")] = False,
     max_steps: Annotated[Optional[int], typer.Option(
         min=1, help="Stop after this many batched steps (a quick try); each unfinished job "
-                    "saves a checkpoint of where it got to.",
+                    "saves a checkpoint of where it got to. Applies to a new engine only.",
         show_default=False)] = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", "-d", help="Start the engine and return, leaving it training.")] = False,
 ) -> None:
-    from mlora_tui.progress import RunProgress, RunSummary
+    from mlora_tui.launcher import ensure_engine
 
     run_config = _load_config(config)
     _check_data_files(run_config.adapters)
-    summary = RunSummary()
-    if json_lines:
-        def show(event: dict) -> None:
-            sys.stdout.write(json.dumps(event, default=str) + "\n")
-            sys.stdout.flush()
-        code = _train(run_config, [summary.handle, show], max_steps, summary,
-                      lambda message: stderr.print(Text(message), soft_wrap=True))
-    else:
-        with RunProgress(stderr) as progress:
-            code = _train(run_config, [summary.handle, progress.handle], max_steps, summary,
-                          progress.print)
-    summary.render(stderr)
-    raise typer.Exit(code)
-
-
-def _train(run_config: "RunConfig", sinks: list[Callable[[dict], None]],
-           max_steps: Optional[int], summary: "RunSummary", say: Callable[[str], None]) -> int:
-    """Build the engine and train; returns the exit code."""
-    def on_event(event: dict) -> None:
-        for sink in sinks:
-            sink(event)
-
-    say(f"Loading the base model {run_config.model.base_model} ...")
+    asked = time.time()
     try:
-        from engine.trainer import Engine
-
-        engine = Engine(run_config, on_event=on_event)
-        with _GracefulInterrupt(engine, say) as interrupt:
-            engine.run(max_steps=max_steps)
+        record = ensure_engine(config, max_steps=max_steps)
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        # Ctrl-C while the model loads, or a second Ctrl-C: nothing more is saved.
-        say("Aborted; adapters and checkpoints written before now are intact.")
+        _say("Interrupted while the engine started; it may be running: see mlora ps.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if record.started < asked:
+        _say(f"An engine already runs for {record.output_dir}: attaching to {record.name} "
+             f"(pid {record.pid}, config {record.config}).", style="yellow")
+        if max_steps is not None:
+            _say("--max-steps applies only to a new engine; ignored.", style="yellow")
+    if detach:
+        if json_lines:
+            sys.stdout.write(json.dumps(record.to_json()) + "\n")
+        _say(f"Engine {record.name} (pid {record.pid}) is training; its log: {record.log}")
+        _say(f"  watch it:  mlora attach {record.name}   or   mlora-tui --attach {record.name}")
+        _say(f"  steer it:  mlora jobs list -e {record.name}     stop it:  mlora stop {record.name}")
+        raise typer.Exit(EXIT_OK)
+    raise typer.Exit(_follow(record, json_lines, on_ctrl_c="stop"))
+
+
+@app.command(help=ATTACH_HELP)
+def attach(
+    name: Annotated[Optional[str], typer.Argument(
+        help="The engine's name or pid; default: the only one running.",
+        show_default=False)] = None,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="Print every event as a JSON line on stdout instead of progress "
+                       "bars.")] = False,
+) -> None:
+    record = _target(name)
+    _say(f"Attached to engine {record.name} (pid {record.pid}, {record.output_dir}); "
+         f"Ctrl-C detaches and leaves it training.", style="dim")
+    raise typer.Exit(_follow(record, json_lines, on_ctrl_c="detach"))
+
+
+def _follow(record: "EngineRecord", json_lines: bool, on_ctrl_c: str) -> int:
+    """Show an engine's events (replayed from the start) until it exits; the exit code.
+
+    ``on_ctrl_c``: "stop" asks the engine for a graceful stop on the first Ctrl-C (and
+    detaches on the second); "detach" detaches at once.
+    """
+    from mlora_tui.progress import RunProgress, RunSummary
+
+    summary = RunSummary()
+    if json_lines:
+        def show(event: dict) -> None:
+            # The same object as the line in metrics.jsonl: seq is the socket's business.
+            event = {k: v for k, v in event.items() if k != "seq"}
+            sys.stdout.write(json.dumps(event, default=str) + "\n")
+            sys.stdout.flush()
+        outcome = _run_client(_watch(record, [summary.handle, show], on_ctrl_c, _say))
+    else:
+        with RunProgress(stderr) as progress:
+            outcome = _run_client(_watch(record, [summary.handle, progress.handle],
+                                         on_ctrl_c, progress.print))
+    summary.render(stderr)
+    if outcome == "detached":
+        _say(f"Detached; engine {record.name} keeps running. Re-attach: mlora attach "
+             f"{record.name}   or   mlora-tui --attach {record.name}")
         return EXIT_INTERRUPTED
-    if interrupt.requested:
-        say("Stopped by Ctrl-C; unfinished jobs saved checkpoints (see the summary).")
+    if outcome == "stopped":
+        _say("Stopped by Ctrl-C; unfinished jobs saved checkpoints (see the summary).")
         return EXIT_INTERRUPTED
-    return EXIT_JOB_FAILED if summary.any_failed else EXIT_OK
+    if summary.any_failed:
+        return EXIT_JOB_FAILED
+    if summary.exit_code is None:
+        _say(f"Lost the engine before it said it exited; see its log: {record.log}",
+             style="bold red")
+        return EXIT_JOB_FAILED
+    if summary.exit_code == EXIT_USER_ERROR:
+        return EXIT_USER_ERROR
+    return EXIT_OK if summary.exit_code == 0 else EXIT_JOB_FAILED
 
 
-class _GracefulInterrupt:
-    """While active, the first Ctrl-C asks the engine to stop after its current step and save
-    checkpoints; the second raises KeyboardInterrupt to abort at once."""
+async def _watch(record: "EngineRecord", sinks: list[Callable[[dict], None]], on_ctrl_c: str,
+                 say: Callable[[str], None]) -> str:
+    """Feed every event to ``sinks`` until the engine closes the connection or the user
+    detaches; returns "ended", "stopped" (Ctrl-C asked for a stop) or "detached"."""
+    from mlora_tui.client import EngineClient, EngineUnavailable, RequestFailed
 
-    def __init__(self, engine, say: Callable[[str], None]):
-        self.engine = engine
-        self.say = say
-        self.requested = False
-        self._previous = None
+    client = await EngineClient.connect(record.socket, client="mlora")
+    loop = asyncio.get_running_loop()
+    detached = asyncio.Event()
+    stop_asked = False
 
-    def __enter__(self) -> "_GracefulInterrupt":
-        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
+    async def ask_stop() -> None:
+        try:
+            await client.stop()
+        except (EngineUnavailable, RequestFailed) as e:
+            say(f"The stop request failed: {e}")
 
-    def __exit__(self, *exc_info) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+    def on_sigint() -> None:
+        nonlocal stop_asked
+        if on_ctrl_c == "stop" and not stop_asked:
+            stop_asked = True
+            say("Ctrl-C: stopping the engine after the current step and saving checkpoints; "
+                "press Ctrl-C again to detach (the engine still stops).")
+            loop.create_task(ask_stop())
+        else:
+            detached.set()
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.engine.request_stop()
-        self.say("Ctrl-C: stopping after the current step and saving checkpoints; "
-                 "press Ctrl-C again to abort now.")
+    async def consume() -> None:
+        async for event in client.events(replay=True):
+            for sink in sinks:
+                sink(event)
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    consumer = loop.create_task(consume())
+    detacher = loop.create_task(detached.wait())
+    try:
+        await asyncio.wait({consumer, detacher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        detacher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+        await client.close()
+    if consumer.done() and not consumer.cancelled():
+        consumer.result()   # re-raise what broke the stream
+        return "stopped" if stop_asked else "ended"
+    return "detached"
 
 
 def _check_data_files(adapters: list["AdapterConfig"]) -> list[tuple[int, str]]:
@@ -186,7 +334,232 @@ def _check_data_files(adapters: list["AdapterConfig"]) -> list[tuple[int, str]]:
     return counts
 
 
-# -- validate -----------------------------------------------------------------------------
+# -- ps, stop, serve ----------------------------------------------------------------------------
+
+PS_HELP = "\n\n".join([
+    "List the running engines: name, pid, uptime, base model, output folder, socket, and "
+    "each job with its state and progress.",
+    "Sockets and records of engines that died are cleaned up on the way. With "
+    "[bold]--json[/bold], one JSON object per engine (its record, plus its jobs).",
+    "[bold]Exit codes[/bold]: 0 listed (also when none runs).",
+])
+STOP_HELP = "\n\n".join([
+    "Stop an engine gracefully: it finishes its current step, saves a checkpoint of every "
+    "unfinished job, and exits. Waits until it has exited unless [bold]--no-wait[/bold].",
+    "[bold]Exit codes[/bold]: 0 stopped (or asked to, with --no-wait); 3 no such engine "
+    "running, or it does not answer.",
+])
+SERVE_HELP = "\n\n".join([
+    "Run the engine process for CONFIG in this process (mlora run starts it this way, "
+    "detached). It listens on a private Unix socket, logs to OUTPUT_DIR/engine.log, ignores "
+    "hangups, and exits when no job can train any more or when stopped (SIGTERM, Ctrl-C or "
+    "mlora stop: checkpoints first).",
+    "[bold]Exit codes[/bold]: 0 the run ended (or was stopped); 1 a job failed or the "
+    "engine crashed; 2 config, data or model error, or an engine already runs for this "
+    "output_dir; 130 aborted by a second signal.",
+])
+
+
+@app.command(help=PS_HELP)
+def ps(
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per engine.")] = False,
+) -> None:
+    from engine.runtime import list_engines
+
+    try:
+        engines = list_engines()
+    except UserError as e:
+        _fail(str(e))
+    if not engines:
+        _say("No engine is running.", style="dim")
+        return
+    statuses = _run_client(_statuses(engines))
+    out = Console(highlight=False, soft_wrap=True)
+    for record, status in zip(engines, statuses):
+        jobs = status.get("jobs") if isinstance(status, dict) else None
+        if json_lines:
+            sys.stdout.write(json.dumps({**record.to_json(), "state": (status or {}).get(
+                "engine", {}).get("state"), "jobs": jobs}, default=str) + "\n")
+            continue
+        up = _duration(time.time() - record.started)
+        state = (status or {}).get("engine", {}).get("state", "not answering")
+        out.print(Text.assemble((record.name, "bold"), f"  pid {record.pid}  up {up}  {state}  "
+                                f"{record.base_model}  {record.output_dir}"))
+        out.print(Text(f"  socket {record.socket}   log {record.log}", style="dim"))
+        _print_jobs(out, jobs or [], indent="  ")
+
+
+async def _statuses(engines: list["EngineRecord"]) -> list[dict | None]:
+    from mlora_tui.client import EngineClient
+
+    async def one(record: "EngineRecord") -> dict | None:
+        try:
+            client = await EngineClient.connect(record.socket, client="mlora ps", timeout=5)
+            try:
+                return await asyncio.wait_for(client.status(), 10)
+            finally:
+                await client.close()
+        except Exception:   # listed anyway, as not answering
+            return None
+
+    return list(await asyncio.gather(*(one(e) for e in engines)))
+
+
+def _duration(seconds: float) -> str:
+    from mlora_tui.progress import format_duration
+
+    return format_duration(seconds)
+
+
+def _print_jobs(out: Console, jobs: list[dict], indent: str = "") -> None:
+    if not jobs:
+        out.print(Text(f"{indent}(no jobs yet)", style="dim"))
+        return
+    from mlora_tui.progress import _STATE_STYLES, format_duration
+
+    width = max(len(job["name"]) for job in jobs)
+    for job in jobs:
+        line = Text(indent)
+        line.append(f"{job['name']:<{width}}  ")
+        line.append(f"{job['state']:<9}", style=_STATE_STYLES.get(job["state"], ""))
+        line.append(f" {job['step']:>5}/{job['total_steps']:<5}")
+        if job.get("loss") is not None:
+            line.append(f"  loss {job['loss']:.4f}")
+        if job["state"] == "running" and job.get("eta_s") is not None:
+            line.append(f"  ETA {format_duration(job['eta_s'])}")
+        if job.get("reason"):
+            line.append(f"  ({job['reason']})", style="dim")
+        out.print(line)
+
+
+@app.command(help=STOP_HELP)
+def stop(
+    name: Annotated[Optional[str], typer.Argument(
+        help="The engine's name or pid; default: the only one running.",
+        show_default=False)] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Wait until the engine has saved its checkpoints and "
+                                 "exited.")] = True,
+) -> None:
+    record = _target(name)
+
+    async def stop_engine(client: "EngineClient") -> list[str]:
+        if not wait:
+            await client.stop()
+            return []
+        events = await client.subscribe(replay=False)
+        await client.stop()
+        return [f"{event['job']}: {event['path']}" async for event in events
+                if event.get("type") == "checkpoint"]
+
+    _say(f"Stopping engine {record.name} (pid {record.pid}) after its current step ...")
+    saved = _run_client(_with_client(record, stop_engine))
+    for line in saved:
+        _say(f"  checkpoint {line}", style="dim")
+    _say(f"Engine {record.name} stopped." if wait else f"Engine {record.name} is stopping.")
+
+
+@app.command(help=SERVE_HELP)
+def serve(
+    config: Annotated[Path, typer.Argument(help="The run's TOML config.", show_default=False)],
+    max_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="Stop after this many batched steps, with checkpoints.",
+        show_default=False)] = None,
+    log: Annotated[Optional[Path], typer.Option(
+        "--log", help="Log here instead of OUTPUT_DIR/engine.log.", show_default=False)] = None,
+) -> None:
+    from engine.server import serve as serve_engine
+
+    raise typer.Exit(serve_engine(config, max_steps=max_steps, log_path=log))
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+@jobs_app.command("list", help="The jobs of an engine: state, step, loss, ETA, reason.")
+def jobs_list(
+    engine: EngineOption = None,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per job (the engine's job summary).")] = False,
+) -> None:
+    status = _engine_request(engine, lambda client: client.status())
+    jobs = status.get("jobs") or []
+    if json_lines:
+        for job in jobs:
+            sys.stdout.write(json.dumps(job, default=str) + "\n")
+        return
+    _print_jobs(Console(highlight=False, soft_wrap=True), jobs)
+
+
+@jobs_app.command("add", help="Add the \\[\\[adapter]] tables of a TOML file as new jobs; they "
+                              "are validated as in a config file (relative paths from the "
+                              "file's folder) and start queued.")
+def jobs_add(
+    file: Annotated[Path, typer.Argument(help="A TOML file of \\[\\[adapter]] tables.",
+                                         show_default=False)],
+    engine: EngineOption = None,
+) -> None:
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        _fail(f"{file}: cannot read it: {e.strerror or e}")
+    except UnicodeDecodeError:
+        _fail(f"{file}: not UTF-8 text; save the file as UTF-8")
+    source = str(file.resolve())
+    result = _engine_request(engine, lambda client: client.add_jobs(text, source=source))
+    _say(f"Added {', '.join(result.get('added', []))}.")
+
+
+def _job_command(verb: str, help_text: str) -> None:
+    def command(name: Annotated[str, typer.Argument(help="The job (adapter) name.",
+                                                    show_default=False)],
+                engine: EngineOption = None) -> None:
+        result = _engine_request(engine, lambda client: getattr(client, verb)(name))
+        _say(f"{result.get('job', name)}: {result.get('state')}")
+    command.__name__ = f"jobs_{verb}"
+    jobs_app.command(verb, help=help_text)(command)
+
+
+_job_command("pause", "Pause a job: it leaves the batch after the current step and keeps "
+                      "its progress (a half-accumulated batch included).")
+_job_command("resume", "Resume a paused job: it is queued and runs again as soon as a slot "
+                       "is free.")
+_job_command("cancel", "Cancel a job for good: its adapter leaves the engine; checkpoints "
+                       "already saved stay.")
+
+
+@jobs_app.command("save", help="Save a checkpoint now, of one job or of every unfinished "
+                               "job.")
+def jobs_save(
+    name: Annotated[Optional[str], typer.Argument(
+        help="The job; default: every unfinished job.", show_default=False)] = None,
+    engine: EngineOption = None,
+) -> None:
+    result = _engine_request(engine, lambda client: client.save(name))
+    paths = result.get("paths") or []
+    if not paths:
+        _say("Nothing to save: no unfinished job has taken a step yet.")
+    for path in paths:
+        sys.stdout.write(path + "\n")
+
+
+# -- validate, convert, generate ------------------------------------------------------------
+
+VALIDATE_HELP = "\n\n".join([
+    "Check CONFIG and its data files without loading a model; print what it would train.",
+    "[bold]Exit codes[/bold]: 0 the config is valid; 2 it is not (the message names the file, "
+    "the table, the field and what was expected).",
+])
+CONVERT_HELP = "\n\n".join([
+    "Turn an m-LoRA JSON config into an mlora-tui TOML config.",
+    "[bold]Exit codes[/bold]: 0 converted; 2 the file is missing or not an m-LoRA config.",
+])
+GENERATE_HELP = "\n\n".join([
+    "Generate a reply to PROMPT with a trained adapter; prints only the generated text.",
+    "The prompt is formatted with the adapter's prompt template, the way training formatted "
+    "an instruction with no input. The base model is the one the adapter was trained on.",
+    "[bold]Exit codes[/bold]: 0 generated; 2 bad adapter folder, base model or option.",
+])
+
 
 @app.command(help=VALIDATE_HELP)
 def validate(

@@ -1,8 +1,10 @@
 """What a person sees on stderr during `mlora run`: live progress bars and the final summary.
 
-Both are fed the engine's event dicts (see ``engine.trainer.Engine``), one at a time, through
-``handle(event)``. ``RunProgress`` shows one bar per adapter (name, step/total, loss,
-tokens/s, ETA) and prints state changes, warnings and saved files above the bars.
+Both are fed the engine's event dicts (see ``engine.trainer.Engine`` and
+``engine.protocol``), one at a time, through ``handle(event)``, whether they arrive live or
+are replayed to a client that attached late. ``RunProgress`` shows one bar per adapter
+(name, step/total, loss, tokens/s, ETA) and prints state changes, warnings and saved files
+above the bars.
 ``RunSummary`` remembers where each job ended and prints, at the end, where every adapter
 is and the command to try it.
 
@@ -152,6 +154,11 @@ class RunProgress:
     def _on_adapter_saved(self, event: dict) -> None:
         self.print(f"{event['job']}: adapter saved to {event.get('path')}", style="green")
 
+    def _on_engine_exit(self, event: dict) -> None:
+        code = event.get("code")
+        self.print(f"engine exited: {event.get('reason')}" + (f" (code {code})" if code else ""),
+                   style="dim" if not code else "bold red")
+
     def _on_log(self, event: dict) -> None:
         level = event.get("level", "info")
         prefix = f"{level}: " if level in ("warning", "error") else ""
@@ -184,6 +191,8 @@ class RunSummary:
         self.jobs: dict[str, JobOutcome] = {}
         self.output_dir: str | None = None
         self.ended = False
+        self.exit_code: int | None = None     # the engine process's, once it said so
+        self.exit_reason: str | None = None
 
     def _job(self, name: str) -> JobOutcome:
         return self.jobs.setdefault(name, JobOutcome(name))
@@ -208,6 +217,8 @@ class RunSummary:
             self._job(event["job"]).checkpoint_path = event.get("path")
         elif kind == "adapter_saved":
             self._job(event["job"]).adapter_path = event.get("path")
+        elif kind == "engine_exit":
+            self.exit_code, self.exit_reason = event.get("code"), event.get("reason")
         elif kind == "run_end":
             self.ended = True
             for name, final in (event.get("jobs") or {}).items():

@@ -1,8 +1,10 @@
-"""The `mlora` command line: torch-free start, validate, convert, run and generate, exit codes.
+"""The `mlora` command line: torch-free start, validate, convert, run, attach, ps, jobs, stop,
+generate, and exit codes.
 
-Training runs in real subprocesses on a tiny random Llama (as a user would run it); quick
-commands go through Typer's CliRunner. Generated text is checked against PEFT and plain
-transformers, not against the code's own output.
+Training runs in real engine processes on a tiny random Llama (as a user would run it);
+quick commands go through Typer's CliRunner. Every engine of this module registers in a
+runtime folder of its own. Generated text is checked against PEFT and plain transformers,
+not against the code's own output.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +25,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from engine import protocol
+from engine.runtime import EngineRecord, list_engines, write_record
 from mlora_tui.cli import app
 from tiny_models import tiny_model_dir
 
@@ -96,6 +102,20 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    """A runtime folder of this module's own, for engines started here and in-process."""
+    with tempfile.TemporaryDirectory(prefix="mlc-", dir="/tmp") as path:
+        saved = os.environ.get("MLORA_RUNTIME_DIR")
+        os.environ["MLORA_RUNTIME_DIR"] = CHILD_ENV["MLORA_RUNTIME_DIR"] = path
+        yield path
+        del CHILD_ENV["MLORA_RUNTIME_DIR"]
+        if saved is None:
+            del os.environ["MLORA_RUNTIME_DIR"]
+        else:
+            os.environ["MLORA_RUNTIME_DIR"] = saved
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     return tiny_model_dir("llama", tmp_path_factory)
@@ -139,21 +159,28 @@ def test_help_and_tui_entry_do_not_import_torch():
     assert exit_code == 0
     # The exit codes are documented in the run command's help.
     assert "130" in proc.stdout and "Exit codes" in proc.stdout
+    assert "--detach" in proc.stdout and "mlora attach NAME" in proc.stdout
 
 
-def test_top_level_help_lists_the_commands():
+def test_top_level_help_lists_the_commands_and_exit_codes():
     proc = mlora("--help")
     assert proc.returncode == 0
-    for command in ("run", "validate", "convert", "generate"):
+    for command in ("run", "attach", "ps", "jobs", "stop", "serve", "validate", "convert",
+                    "generate"):
+        assert command in proc.stdout
+    assert "3 no such engine running" in " ".join(proc.stdout.split())
+    proc = mlora("jobs", "--help")
+    assert proc.returncode == 0
+    for command in ("list", "add", "pause", "resume", "cancel", "save"):
         assert command in proc.stdout
 
 
-def test_mlora_tui_says_it_is_not_built_yet():
-    proc = subprocess.run([sys.executable, "-m", "mlora_tui.tui_entry"], capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 1
-    assert "not built yet" in proc.stderr and "mlora run" in proc.stderr
-    assert proc.stdout == ""
+@pytest.mark.parametrize("args", [["attach"], ["attach", "nope"], ["stop"], ["jobs", "list"],
+                                  ["jobs", "pause", "alpha"], ["jobs", "save", "-e", "x"]])
+def test_no_engine_exits_3(args):
+    result = invoke(*args)
+    assert result.exit_code == 3, result.output
+    assert "no engine" in result.stderr and "Traceback" not in result.output
 
 
 # -- validate -------------------------------------------------------------------------------
@@ -255,7 +282,7 @@ def test_convert_bad_json_exits_2(tmp_path):
 
 # -- run ------------------------------------------------------------------------------------
 
-def test_run_json_trains_both_adapters_to_the_end(trained):
+def test_run_json_trains_both_adapters_to_the_end(trained, runtime):
     proc, events, output_dir = trained
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -272,11 +299,16 @@ def test_run_json_trains_both_adapters_to_the_end(trained):
         folder = output_dir / name
         assert (folder / "adapter_config.json").is_file()
         assert (folder / "adapter_model.safetensors").is_file()
-    assert events[-1]["type"] == "run_end"
-    assert {name: job["state"] for name, job in events[-1]["jobs"].items()} == \
+    run_end, engine_exit = events[-2:]
+    assert run_end["type"] == "run_end"
+    assert {name: job["state"] for name, job in run_end["jobs"].items()} == \
         {"alpha": "done", "beta": "done"}
+    assert engine_exit["type"] == "engine_exit" and engine_exit["code"] == 0
     # People get the way to try each adapter on stderr.
     assert f"mlora generate --adapter {output_dir / 'alpha'}" in proc.stderr
+    # The engine ran in its own process, logged to engine.log, and is gone.
+    assert "exited with code 0" in (output_dir / "engine.log").read_text()
+    assert list_engines() == [] and os.listdir(runtime) == ["registry.lock"]
 
 
 def _read_lines(stream, lines: queue.Queue) -> None:
@@ -285,23 +317,40 @@ def _read_lines(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def _json_events_until(lines: queue.Queue, done, timeout: float = 60) -> list[dict]:
+    """JSON lines from ``lines`` until ``done(events)`` holds."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not done(events):
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "the output ended first"
+        events.append(json.loads(line))
+    return events
+
+
+def _popen_mlora(*args: str, cwd: Path, stderr_path: Path):
+    """The CLI as a child with stdout read line by line on a thread: (process, lines)."""
+    with open(stderr_path, "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "mlora_tui.cli", *args], cwd=cwd,
+                                env=CHILD_ENV, stdout=subprocess.PIPE, stderr=stderr_file,
+                                text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    return proc, lines
+
+
+def _both_stepped(events: list[dict]) -> bool:
+    return {e["job"] for e in events if e["type"] == "step"} == {"alpha", "beta"}
+
+
 def test_ctrl_c_stops_after_the_step_and_saves_checkpoints(tmp_path, tiny_llama):
     config_path = write_run(tmp_path, tiny_llama, epochs=200)
     stderr_path = tmp_path / "stderr.txt"
-    with open(stderr_path, "w") as stderr_file:
-        proc = subprocess.Popen([sys.executable, "-m", "mlora_tui.cli", "run", "--json",
-                                 str(config_path)], cwd=tmp_path, env=CHILD_ENV,
-                                stdout=subprocess.PIPE, stderr=stderr_file, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    events = []
+    proc, lines = _popen_mlora("run", "--json", str(config_path), cwd=tmp_path,
+                               stderr_path=stderr_path)
     try:
-        deadline = time.monotonic() + 60
         # Both jobs have taken an optimizer step (beta accumulates two micro-batches).
-        while {e["job"] for e in events if e["type"] == "step"} != {"alpha", "beta"}:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "the run ended before its first step"
-            events.append(json.loads(line))
+        events = _json_events_until(lines, _both_stepped)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
@@ -313,51 +362,183 @@ def test_ctrl_c_stops_after_the_step_and_saves_checkpoints(tmp_path, tiny_llama)
 
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "Ctrl-C" in stderr
-    final = events[-1]
-    assert final["type"] == "run_end"
+    final = next(e for e in events if e["type"] == "run_end")
     checkpoints = {e["job"]: e for e in events if e["type"] == "checkpoint"}
     for name, job in final["jobs"].items():
         assert job["state"] == "running" and 0 < job["step"] < job["total_steps"]
         # The checkpoint is of the last step taken, and loads as an adapter folder.
         assert checkpoints[name]["step"] == job["step"]
         assert (Path(checkpoints[name]["path"]) / "adapter_model.safetensors").is_file()
+    assert events[-1]["type"] == "engine_exit" and events[-1]["code"] == 0
+    # The engine stopped: it is no longer registered.
+    assert list_engines() == []
 
 
-class _FailingEngine:
-    """Stands in for engine.trainer.Engine: one job finishes, one fails."""
+def test_detach_attach_steer_and_stop(tmp_path, tiny_llama):
+    config_path = write_run(tmp_path, tiny_llama, epochs=300)
+    proc = mlora("run", "--detach", str(config_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = list_engines()
+    assert record.name == "runs" and record.output_dir == str(tmp_path / "runs")
+    for hint in ("mlora attach runs", "mlora-tui --attach runs", "mlora stop runs"):
+        assert hint in proc.stderr
+    try:
+        # `mlora attach` replays everything so far; Ctrl-C only detaches.
+        stderr_path = tmp_path / "attach.txt"
+        attach, lines = _popen_mlora("attach", "runs", "--json", cwd=tmp_path,
+                                     stderr_path=stderr_path)
+        events = _json_events_until(lines, _both_stepped)
+        # The replay starts at the engine's first event, as in metrics.jsonl.
+        assert events[0]["type"] == "log" and "listening" in events[0]["message"]
+        logged = (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()
+        assert events[0] == json.loads(logged[0])
+        attach.send_signal(signal.SIGINT)
+        assert attach.wait(timeout=60) == 130, stderr_path.read_text()
+        assert "Detached" in stderr_path.read_text()
+        assert [e.pid for e in list_engines()] == [record.pid]
 
-    def __init__(self, config, on_event):
-        self.on_event = on_event
-        self.emit("run_start", device="cpu", dtype="fp32", attn_impl="sdpa", base_model="m",
-                  model_type="llama", num_params=1000, config=config.source, output_dir="out")
-        for name in ("alpha", "beta"):
-            self.emit("job_added", job=name, adapter={"r": 4}, total_steps=2, train_examples=4,
-                      val_examples=0, targets=["q_proj"])
+        result = invoke("ps")
+        assert result.exit_code == 0, result.output
+        assert "runs" in result.stdout and str(record.pid) in result.stdout
+        assert record.socket in result.stdout and "alpha" in result.stdout
 
-    def emit(self, type_, **fields):
-        self.on_event({"type": type_, "time": 0.0, **fields})
+        result = invoke("jobs", "pause", "alpha")
+        assert result.exit_code == 0 and "alpha: paused" in result.stderr
+        result = invoke("jobs", "list", "--json", "-e", "runs")
+        states = {job["name"]: job["state"] for job in map(json.loads, result.stdout.splitlines())}
+        assert states == {"alpha": "paused", "beta": "running"}
+        result = invoke("jobs", "pause", "alpha")
+        assert result.exit_code == 2 and "only running or queued jobs pause" in result.stderr
+        result = invoke("jobs", "resume", "alpha")
+        assert result.exit_code == 0 and "alpha: queued" in result.stderr
 
-    def run(self, max_steps=None):
-        self.emit("job_state", job="alpha", state="running", reason=None, step=0, total_steps=2)
-        self.emit("job_state", job="beta", state="running", reason=None, step=0, total_steps=2)
-        self.emit("step", job="alpha", step=1, total_steps=2, epoch=0.5, loss=1.5, lr=1e-3,
-                  grad_norm=1.0, tokens=10, tokens_per_s=100.0, eta_s=1.0)
-        self.emit("job_state", job="beta", state="failed", reason="loss is NaN at step 1",
-                  step=0, total_steps=2)
-        self.emit("step", job="alpha", step=2, total_steps=2, epoch=1.0, loss=1.2, lr=1e-3,
-                  grad_norm=1.0, tokens=10, tokens_per_s=100.0, eta_s=0.0)
-        self.emit("adapter_saved", job="alpha", step=2, path="out/alpha")
-        self.emit("job_state", job="alpha", state="done", reason=None, step=2, total_steps=2)
-        self.emit("run_end", jobs={"alpha": {"state": "done", "step": 2, "total_steps": 2},
-                                   "beta": {"state": "failed", "step": 0, "total_steps": 2}})
+        result = invoke("jobs", "save", "beta")
+        assert result.exit_code == 0, result.output
+        assert (Path(result.stdout.strip()) / "adapter_model.safetensors").is_file()
 
-    def request_stop(self):
-        pass
+        extra = tmp_path / "extra.toml"
+        extra.write_text('[[adapter]]\nname = "gamma"\ndata = "data.jsonl"\nr = 2\n'
+                         "batch_size = 2\nmicro_batch_size = 2\n")
+        result = invoke("jobs", "add", extra)
+        assert result.exit_code == 0 and "Added gamma" in result.stderr
+        result = invoke("jobs", "add", extra)
+        assert result.exit_code == 2 and "name" in result.stderr and "gamma" in result.stderr
+
+        result = invoke("stop", "runs")
+        assert result.exit_code == 0, result.output
+        assert "checkpoint alpha" in result.stderr and "stopped" in result.stderr
+    finally:
+        if list_engines():
+            os.kill(record.pid, signal.SIGTERM)
+    assert list_engines() == []
+    assert invoke("attach", "runs").exit_code == 3
 
 
-def test_run_exits_1_when_a_job_fails(config, monkeypatch):
-    monkeypatch.setattr("engine.trainer.Engine", _FailingEngine)
-    result = invoke("run", config)
+def test_an_engine_crash_exits_1_with_the_traceback_in_its_log(tmp_path, tiny_llama):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_llama, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors at all")
+    config_path = write_run(tmp_path, broken)
+    proc = mlora("run", "--json", str(config_path), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    errors = [e for e in events if e["type"] == "log" and e["level"] == "error"]
+    assert errors and "engine error" in errors[-1]["message"]
+    assert events[-1]["type"] == "engine_exit" and events[-1]["code"] == 1
+    log = (tmp_path / "runs" / "engine.log").read_text()
+    assert "Traceback" in log and "exited with code 1" in log
+    assert "Traceback" not in proc.stderr
+    assert list_engines() == []
+
+
+def test_an_engine_that_dies_at_start_is_reported_with_its_log(tmp_path, tiny_llama):
+    config_path = write_run(tmp_path, tiny_llama)
+    # A runtime folder so deep that no Unix socket path fits in it.
+    deep = Path(tempfile.mkdtemp(prefix="mlc-deep-", dir="/tmp"))
+    try:
+        runtime = deep / ("d" * 100)
+        env = {**CHILD_ENV, "MLORA_RUNTIME_DIR": str(runtime)}
+        proc = subprocess.run([sys.executable, "-m", "mlora_tui.cli", "run", str(config_path)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(deep)
+    assert proc.returncode == 2, proc.stderr
+    assert "exited with code 2 before it was ready" in proc.stderr
+    assert "longer than Unix sockets allow" in proc.stderr and "MLORA_RUNTIME_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class _FakeEngine(threading.Thread):
+    """A registered engine that speaks the protocol: one job finishes, one fails."""
+
+    EVENTS = [
+        ("run_start", dict(device="cpu", dtype="fp32", attn_impl="sdpa", base_model="m",
+                           model_type="llama", num_params=1000, config="c.toml",
+                           output_dir="out")),
+        ("job_added", dict(job="alpha", adapter={"r": 4}, total_steps=2, train_examples=4,
+                           val_examples=0, targets=["q_proj"])),
+        ("job_added", dict(job="beta", adapter={"r": 4}, total_steps=2, train_examples=4,
+                           val_examples=0, targets=["q_proj"])),
+        ("job_state", dict(job="alpha", state="running", reason=None, step=0, total_steps=2)),
+        ("job_state", dict(job="beta", state="running", reason=None, step=0, total_steps=2)),
+        ("step", dict(job="alpha", step=1, total_steps=2, epoch=0.5, loss=1.5, lr=1e-3,
+                      grad_norm=1.0, tokens=10, tokens_per_s=100.0, eta_s=1.0)),
+        ("job_state", dict(job="beta", state="failed", reason="loss is NaN at step 1", step=0,
+                           total_steps=2)),
+        ("step", dict(job="alpha", step=2, total_steps=2, epoch=1.0, loss=1.2, lr=1e-3,
+                      grad_norm=1.0, tokens=10, tokens_per_s=100.0, eta_s=0.0)),
+        ("adapter_saved", dict(job="alpha", step=2, path="out/alpha")),
+        ("job_state", dict(job="alpha", state="done", reason=None, step=2, total_steps=2)),
+        ("run_end", dict(jobs={"alpha": {"state": "done", "step": 2, "total_steps": 2},
+                               "beta": {"state": "failed", "step": 0, "total_steps": 2}})),
+        ("engine_exit", dict(code=1, reason="failed: beta")),
+    ]
+
+    def __init__(self, runtime: str):
+        super().__init__(daemon=True)
+        self.path = Path(runtime) / f"{os.getpid()}.sock"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen()
+        self.record = EngineRecord(name="fake", pid=os.getpid(), socket=str(self.path),
+                                   config="c.toml", output_dir="/out", base_model="m",
+                                   started=time.time(), log="/out/engine.log")
+        write_record(self.record)
+
+    def run(self) -> None:
+        # Connections one at a time: the registry's liveness probe, then the client.
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as stream:
+                for line in stream:
+                    request_id, type_, _ = protocol.parse_request(protocol.decode(line))
+                    result = {"engine": self.record.to_json()} if type_ == "hello" else {}
+                    stream.write(protocol.encode(protocol.reply(request_id, result)))
+                    if type_ == "subscribe":
+                        for seq, (kind, fields) in enumerate(self.EVENTS, start=1):
+                            stream.write(protocol.encode(protocol.event(
+                                seq, {"type": kind, "time": 0.0, **fields})))
+                        stream.flush()
+                        break
+                    stream.flush()
+
+    def close(self) -> None:
+        self.server.close()
+        self.path.unlink(missing_ok=True)
+        (self.path.parent / f"{os.getpid()}.json").unlink(missing_ok=True)
+
+
+def test_attach_exits_1_when_a_job_fails(runtime):
+    fake = _FakeEngine(runtime)
+    fake.start()
+    try:
+        result = invoke("attach")
+    finally:
+        fake.close()
     assert result.exit_code == 1, result.output
     assert result.stdout == ""   # bars and messages go to stderr
     assert "beta: failed: loss is NaN at step 1" in result.stderr
