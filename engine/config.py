@@ -143,6 +143,25 @@ def parse_config(data: dict, source: str, base_dir: Path) -> RunConfig:
     return RunConfig(model=model, train=train, adapters=adapters, source=source)
 
 
+def apply_model_overrides(config: RunConfig, overrides: dict[str, Any],
+                          source: str = "command line") -> RunConfig:
+    """Replace ``[model]`` fields (m-LoRA's --base_model, --bf16, --load_4bit, ...).
+
+    Checked by the rules of the config file; a relative base_model is taken from the
+    current directory, as a path typed on a command line is.
+    """
+    where = _Where(source, "model")
+    _check_keys(overrides, [f.name for f in fields(ModelConfig)], where)
+    merged = {**{f.name: getattr(config.model, f.name) for f in fields(ModelConfig)},
+              **overrides}
+    model = ModelConfig(**_typed_fields(ModelConfig, merged, where))
+    _apply_rules(model, _MODEL_RULES, where, merged)
+    if "base_model" in overrides:
+        model.base_model = _check_base_model(model.base_model, Path.cwd(), where)
+    config.model = model
+    return config
+
+
 def parse_adapter_tables(tables: list[dict], source: str, train: TrainConfig,
                          base_dir: Path) -> list[AdapterConfig]:
     """Validate ``[[adapter]]`` tables (positions count from 1 in messages).

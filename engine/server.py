@@ -53,7 +53,7 @@ else:  # pragma: no cover - Python 3.10
 
 from engine import __version__
 from engine import protocol as p
-from engine.config import RunConfig, load_config, parse_adapter_tables
+from engine.config import RunConfig, apply_model_overrides, load_config, parse_adapter_tables
 from engine.errors import ConfigError, UserError
 from engine.runtime import (EngineRecord, bind_socket, claim_name, registry_lock,
                             remove_record, socket_path, write_record)
@@ -72,8 +72,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_ABORTED = 0, 1, 2, 130
 
 
 def serve(config_path: str | os.PathLike, *, max_steps: int | None = None,
-          log_path: str | os.PathLike | None = None) -> int:
+          log_path: str | os.PathLike | None = None,
+          model_overrides: dict[str, Any] | None = None) -> int:
     """Run the engine process for ``config_path`` until its jobs end or it is stopped.
+
+    ``model_overrides`` replace ``[model]`` fields of the file (m-LoRA's command-line flags).
 
     Returns the exit code: 0 the run ended (every job finished, ``max_steps``, or a stop);
     1 a job failed or the engine crashed; 2 a config, data or model error, or another
@@ -83,6 +86,8 @@ def serve(config_path: str | os.PathLike, *, max_steps: int | None = None,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         run_config = load_config(config_path)
+        if model_overrides:
+            apply_model_overrides(run_config, model_overrides)
         output_dir = Path(os.path.abspath(run_config.train.output_dir))
         # The engine may outlive the caller's working directory: every path is absolute.
         run_config.train.output_dir = str(output_dir)

@@ -177,6 +177,49 @@ ATTACH_HELP = "\n\n".join([
 ])
 
 
+# m-LoRA's command-line flags, as overrides of the config's [model] table.
+_MLORA_PANEL = "m-LoRA flags (override \\[model])"
+BaseModelOption = Annotated[Optional[str], typer.Option(
+    "--base_model", "--base-model", help="\\[model] base_model: smollm2-135m or a model folder.",
+    rich_help_panel=_MLORA_PANEL, show_default=False)]
+Fp16Option = Annotated[bool, typer.Option(
+    "--fp16", help='\\[model] dtype = "fp16".', rich_help_panel=_MLORA_PANEL)]
+Bf16Option = Annotated[bool, typer.Option(
+    "--bf16", help='\\[model] dtype = "bf16".', rich_help_panel=_MLORA_PANEL)]
+Tf32Option = Annotated[bool, typer.Option(
+    "--tf32", help="\\[model] tf32 = true (NVIDIA GPUs).", rich_help_panel=_MLORA_PANEL)]
+Load4bitOption = Annotated[bool, typer.Option(
+    "--load_4bit", "--load-4bit", help='\\[model] quantize = "4bit" (QLoRA).',
+    rich_help_panel=_MLORA_PANEL)]
+Load8bitOption = Annotated[bool, typer.Option(
+    "--load_8bit", "--load-8bit", help='\\[model] quantize = "8bit".',
+    rich_help_panel=_MLORA_PANEL)]
+AttnImplOption = Annotated[Optional[str], typer.Option(
+    "--attn_impl", "--attn-impl", help="\\[model] attn_impl: auto, eager, sdpa or flash_attn.",
+    rich_help_panel=_MLORA_PANEL, show_default=False)]
+
+
+def _model_overrides(base_model: Optional[str], fp16: bool, bf16: bool, tf32: bool,
+                     load_4bit: bool, load_8bit: bool, attn_impl: Optional[str]) -> dict:
+    """The [model] fields that m-LoRA's flags set; conflicting flags are a usage error."""
+    if fp16 and bf16:
+        _fail("--fp16 and --bf16 contradict each other; give one")
+    if load_4bit and load_8bit:
+        _fail("--load_4bit and --load_8bit contradict each other; give one")
+    overrides: dict = {}
+    if base_model is not None:
+        overrides["base_model"] = base_model
+    if fp16 or bf16:
+        overrides["dtype"] = "fp16" if fp16 else "bf16"
+    if tf32:
+        overrides["tf32"] = True
+    if load_4bit or load_8bit:
+        overrides["quantize"] = "4bit" if load_4bit else "8bit"
+    if attn_impl is not None:
+        overrides["attn_impl"] = attn_impl
+    return overrides
+
+
 @app.command(help=RUN_HELP)
 def run(
     config: Annotated[Path, typer.Argument(help="The run's TOML config.", show_default=False)],
@@ -189,14 +232,27 @@ def run(
         show_default=False)] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", "-d", help="Start the engine and return, leaving it training.")] = False,
+    base_model: BaseModelOption = None,
+    fp16: Fp16Option = False,
+    bf16: Bf16Option = False,
+    tf32: Tf32Option = False,
+    load_4bit: Load4bitOption = False,
+    load_8bit: Load8bitOption = False,
+    attn_impl: AttnImplOption = None,
 ) -> None:
+    from engine.config import apply_model_overrides
     from mlora_tui.launcher import ensure_engine
 
+    overrides = _model_overrides(base_model, fp16, bf16, tf32, load_4bit, load_8bit, attn_impl)
     run_config = _load_config(config)
+    try:
+        apply_model_overrides(run_config, overrides)
+    except UserError as e:
+        _fail(str(e))
     _check_data_files(run_config.adapters)
     asked = time.time()
     try:
-        record = ensure_engine(config, max_steps=max_steps)
+        record = ensure_engine(config, max_steps=max_steps, model_overrides=overrides)
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -205,8 +261,9 @@ def run(
     if record.started < asked:
         _say(f"An engine already runs for {record.output_dir}: attaching to {record.name} "
              f"(pid {record.pid}, config {record.config}).", style="yellow")
-        if max_steps is not None:
-            _say("--max-steps applies only to a new engine; ignored.", style="yellow")
+        if max_steps is not None or overrides:
+            _say("--max-steps and [model] flags apply only to a new engine; ignored.",
+                 style="yellow")
     if detach:
         if json_lines:
             sys.stdout.write(json.dumps(record.to_json()) + "\n")
@@ -467,10 +524,24 @@ def serve(
         show_default=False)] = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="Log here instead of OUTPUT_DIR/engine.log.", show_default=False)] = None,
+    base_model: BaseModelOption = None,
+    fp16: Fp16Option = False,
+    bf16: Bf16Option = False,
+    tf32: Tf32Option = False,
+    load_4bit: Load4bitOption = False,
+    load_8bit: Load8bitOption = False,
+    attn_impl: AttnImplOption = None,
+    model_overrides_json: Annotated[Optional[str], typer.Option(
+        "--model-overrides", hidden=True,
+        help="[model] fields as JSON (how `mlora run` passes its flags on).")] = None,
 ) -> None:
     from engine.server import serve as serve_engine
 
-    raise typer.Exit(serve_engine(config, max_steps=max_steps, log_path=log))
+    overrides = _model_overrides(base_model, fp16, bf16, tf32, load_4bit, load_8bit, attn_impl)
+    if model_overrides_json:
+        overrides = {**json.loads(model_overrides_json), **overrides}
+    raise typer.Exit(serve_engine(config, max_steps=max_steps, log_path=log,
+                                  model_overrides=overrides))
 
 
 # -- jobs -------------------------------------------------------------------------------------

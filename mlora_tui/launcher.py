@@ -11,6 +11,7 @@ losing SSH does not reach it), with stdin from /dev/null and its output appended
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,18 +28,22 @@ __all__ = ["ensure_engine", "attach_target", "EngineNotFound", "log_tail"]
 
 
 def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike | None = None,
-                  timeout: float = 120.0, max_steps: int | None = None) -> EngineRecord:
+                  timeout: float = 120.0, max_steps: int | None = None,
+                  model_overrides: dict | None = None) -> EngineRecord:
     """The live engine for this config's output_dir, started when there is none.
 
-    ``log_to`` replaces ``<output_dir>/engine.log`` as the engine's log; ``max_steps``
-    applies only to an engine started here. Raises UserError for a bad config or data
+    ``log_to`` replaces ``<output_dir>/engine.log`` as the engine's log; ``max_steps`` and
+    ``model_overrides`` (``[model]`` fields) apply only to an engine started here. Raises
+    UserError for a bad config or data
     file (nothing started), or when the engine exits before it answers (with the end of
     its log).
     """
-    from engine.config import load_config
+    from engine.config import apply_model_overrides, load_config
     from engine.data import load_data_file
 
     run_config = load_config(config_path)
+    if model_overrides:
+        apply_model_overrides(run_config, model_overrides)
     for adapter in run_config.adapters:
         try:
             load_data_file(adapter.data)
@@ -55,6 +60,8 @@ def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike |
                "--log", str(log_path)]
     if max_steps is not None:
         command += ["--max-steps", str(max_steps)]
+    if model_overrides:
+        command += ["--model-overrides", json.dumps(model_overrides)]
     with open(log_path, "ab") as log_file:
         start = log_file.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -311,6 +311,25 @@ def test_run_json_trains_both_adapters_to_the_end(trained, runtime):
     assert list_engines() == [] and os.listdir(runtime) == ["registry.lock"]
 
 
+def test_mlora_flags_override_the_model_table(tmp_path, tiny_llama):
+    """m-LoRA's --bf16 / --attn_impl reach the engine process; bad ones exit 2 at once."""
+    config_path = write_run(tmp_path, tiny_llama)
+    proc = mlora("run", "--json", "--max-steps", "1", "--bf16", "--attn_impl", "eager",
+                 str(config_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    start = next(json.loads(line) for line in proc.stdout.splitlines()
+                 if json.loads(line)["type"] == "run_start")
+    assert (start["dtype"], start["attn_impl"]) == ("bf16", "eager")
+
+    for flags, message in ((["--fp16", "--bf16"], "--fp16 and --bf16 contradict"),
+                           (["--attn-impl", "fast"], "[model] attn_impl: expected one of"),
+                           (["--base_model", str(tmp_path / "nowhere")], "no folder at")):
+        result = invoke("run", *flags, config_path)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert list_engines() == []
+
+
 def _read_lines(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
