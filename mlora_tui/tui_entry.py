@@ -1,26 +1,124 @@
-"""The `mlora-tui` console script: the Textual TUI's entry point.
+"""The `mlora-tui` console script: start or attach to an engine and watch it live.
 
-The interactive TUI is the next milestone; until it exists this says so plainly and points
-at the headless CLI, exiting with 1. It imports neither torch nor textual.
+    mlora-tui CONFIG            the engine for CONFIG: started, or the one already serving
+                                its output_dir
+    mlora-tui --attach NAME     a running engine, by name or pid
+    mlora-tui                   the only running engine
+
+The engine runs in its own process session: quitting the TUI (q, d), closing the terminal
+or losing SSH leaves it training; attach again at any time. A bad config or an unknown
+engine is reported on stderr before the screen opens (exit 2, or 3 for no such engine).
+Starting the engine happens behind the first frame, so the screen is up at once.
+
+Keys can be remapped in a TOML file of ``binding_id = "key"`` lines (``--keymap``, by
+default ``$XDG_CONFIG_HOME/mlora-tui/keymap.toml`` when it exists); ``?`` lists the ids'
+keys. Imports no torch, ever: the engine is another process.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
 
-NOT_BUILT = (
-    "mlora-tui: the interactive terminal UI is not built yet.\n"
-    "Train and watch a run with the CLI instead:\n"
-    "  mlora validate CONFIG    check a config\n"
-    "  mlora run CONFIG         train, with progress bars\n"
-    "  mlora --help             every command\n"
-)
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from engine.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_NO_ENGINE = 3
+
+cli = typer.Typer(name="mlora-tui", add_completion=False, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    stderr.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def default_keymap_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "mlora-tui" / "keymap.toml"
+
+
+def load_keymap(path: Path, known_ids: set[str]) -> dict[str, str]:
+    """``binding_id = "keys"`` pairs from a TOML file; UserError naming what is wrong."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the keymap: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    for binding_id, keys in data.items():
+        if binding_id not in known_ids:
+            raise UserError(f"{path}: {binding_id!r} is not a key binding id; known: "
+                            f"{', '.join(sorted(known_ids))}")
+        if not isinstance(keys, str) or not keys.strip():
+            raise UserError(f"{path}: {binding_id} must be a string of keys, like "
+                            f"{binding_id} = \"ctrl+x\" or \"x,ctrl+x\"")
+    return data
+
+
+@cli.command(help="Watch and steer the LoRA jobs of an engine in a terminal UI.\n\n"
+                  "With CONFIG, start its engine (or attach to the one already running it); "
+                  "with --attach, attach to a running engine; with neither, attach to the "
+                  "only running engine. Quitting (q) leaves the engine training.")
+def main_command(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="A config TOML file: start its engine, or attach to it if running.",
+        metavar="CONFIG", show_default=False)] = None,
+    attach: Annotated[Optional[str], typer.Option(
+        "--attach", "-a", help="Attach to the running engine with this name (or pid).",
+        show_default=False)] = None,
+    keymap: Annotated[Optional[Path], typer.Option(
+        help="A TOML file of binding_id = \"key\" lines that remap keys (default: "
+             "$XDG_CONFIG_HOME/mlora-tui/keymap.toml when it exists; ? shows the ids' keys).",
+        show_default=False)] = None,
+) -> None:
+    if config is not None and attach is not None:
+        _fail("give a CONFIG or --attach NAME, not both")
+    from engine.runtime import EngineNotFound
+    from mlora_tui.launcher import attach_target, ensure_engine
+
+    try:
+        if config is not None:
+            from engine.config import load_config
+
+            load_config(config)        # a typo is reported here, before the screen opens
+            locate = lambda: ensure_engine(config)  # noqa: E731 (runs in a worker)
+            target = None
+        else:
+            record = attach_target(attach)
+            locate = lambda: record  # noqa: E731
+            target = record.name
+        from mlora_tui.app import MloraApp, binding_ids
+
+        keymap_path = keymap or default_keymap_path()
+        keys = (load_keymap(keymap_path, binding_ids())
+                if keymap is not None or keymap_path.is_file() else {})
+    except EngineNotFound as e:
+        _fail(str(e), EXIT_NO_ENGINE)
+    except UserError as e:
+        _fail(str(e))
+    app = MloraApp(locate, target_name=target, keymap=keys)
+    app.run()
+    if app.failure:
+        _fail(app.failure, app.return_code or EXIT_USER_ERROR)
+    raise typer.Exit(app.return_code or 0)
 
 
 def main() -> None:
     """Entry point of the `mlora-tui` console script."""
-    sys.stderr.write(NOT_BUILT)
-    raise SystemExit(1)
+    cli()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,502 @@
+"""The Textual TUI: watch and steer one engine's jobs.
+
+``MloraApp`` owns the global keys (quit/detach, stop the engine, help, the command palette)
+and the services: the buffered ``EngineState``, the engine's record and the connected
+client. ``MonitorScreen`` owns the panes, the keys that act on the selected job, and the
+workers: an async worker that follows the engine over its socket (status, then every event,
+reconnecting with backoff), and a thread worker that samples NVML.
+
+Events only update the buffered state; the screen redraws from it at a fixed rate (4 Hz)
+inside ``batch_update``, so a burst of events costs one redraw and a quiet engine costs
+none. Quitting never stops the engine: it runs in its own process session; only `S`
+(confirmed) stops it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Input
+
+from engine.errors import UserError
+from engine.protocol import VERSION_MISMATCH
+from mlora_tui.gpu import GpuReport, GpuSampler
+from mlora_tui.state import CONNECTED, PAUSED, QUEUED, RUNNING, EngineState, JobView
+from mlora_tui.widgets.adapter_pane import AdapterPane
+from mlora_tui.widgets.add_adapters import AddAdaptersScreen
+from mlora_tui.widgets.backend_pane import BackendPane
+from mlora_tui.widgets.confirm import ConfirmScreen
+from mlora_tui.widgets.help_screen import HelpScreen
+from mlora_tui.widgets.jobs_table import JobsTable
+from mlora_tui.widgets.log_pane import LogPane
+from mlora_tui.widgets.loss_chart import LossChart
+from mlora_tui.widgets.status_bar import StatusBar
+
+if TYPE_CHECKING:
+    from engine.runtime import EngineRecord
+
+REDRAW_HZ = 4
+GPU_SAMPLE_S = 1.0
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0
+
+# Job actions: what each needs of the selected job's state.
+_JOB_ACTIONS = {
+    "pause": (RUNNING, QUEUED),
+    "resume": (PAUSED,),
+    "cancel_job": (QUEUED, RUNNING, PAUSED),
+    "save": (RUNNING, PAUSED, QUEUED),
+}
+
+
+class MonitorScreen(Screen):
+    """Jobs, the selected adapter's settings and loss, the backend, and the log."""
+
+    BINDINGS = [
+        Binding("p", "pause", "Pause", id="pause",
+                tooltip="Take the selected job out of the batch until resumed"),
+        Binding("r", "resume", "Resume", id="resume",
+                tooltip="Put the selected paused job back in the batch"),
+        Binding("x", "cancel_job", "Cancel", id="cancel",
+                tooltip="End the selected job for good (asks first)"),
+        Binding("a", "add", "Add", id="add",
+                tooltip="Add adapters from a TOML file of [[adapter]] tables"),
+        Binding("s", "save", "Save", id="save",
+                tooltip="Write a checkpoint of the selected job now"),
+        Binding("l", "toggle_overlay", "Overlay", id="overlay",
+                tooltip="Loss of the selected adapter, or of all adapters together"),
+        Binding("slash", "filter", "Filter", id="filter",
+                tooltip="Show only the adapters whose name contains a text"),
+        Binding("escape", "clear_filter", "Clear filter", show=False, id="clear-filter",
+                tooltip="Show every adapter again"),
+    ]
+
+    @dataclass
+    class GpuSampled(Message):
+        report: GpuReport
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: str | None = None
+        self.overlay = False
+        self.name_filter = ""
+        self.gpu_report: GpuReport | None = None
+        self._drawn: tuple | None = None
+        self._bindings_key: tuple | None = None
+
+    @property
+    def state(self) -> EngineState:
+        return self.app.state
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Vertical(id="jobs-pane"):
+            yield Input(placeholder="filter adapters by name (enter keeps it, esc clears)",
+                        id="filter")
+            yield JobsTable(id="jobs")
+        with Horizontal(id="middle"):
+            yield LossChart(id="loss")
+            yield AdapterPane(id="adapter")
+            yield BackendPane(id="backend")
+        yield LogPane(id="log")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        # Looked up once: workers and timers must not query widgets (they may be gone).
+        self.status_bar = self.query_one(StatusBar)
+        self.jobs_pane = self.query_one("#jobs-pane", Vertical)
+        self.filter_input = self.query_one("#filter", Input)
+        self.jobs_table = self.query_one(JobsTable)
+        self.loss_chart = self.query_one(LossChart)
+        self.adapter_pane = self.query_one(AdapterPane)
+        self.backend_pane = self.query_one(BackendPane)
+        self.log_pane = self.query_one(LogPane)
+        self.jobs_pane.border_title = "Jobs"
+        self.backend_pane.border_title = "Backend"
+        self.log_pane.border_title = "Log"
+        self.jobs_table.focus()
+        self.redraw()
+        self.set_interval(1 / REDRAW_HZ, self.redraw)
+        if self.app.gpu_sampler is not None:
+            self.sample_gpus()
+        if self.app.locate is not None:
+            self.follow_engine()
+
+    # -- drawing ------------------------------------------------------------------------
+
+    def redraw(self, force: bool = False) -> None:
+        """Bring every pane up to the buffered state (only when something changed).
+
+        Not while a modal covers the screen: Textual re-renders the dimmed screen under a
+        modal on every change, which costs more than the whole screen; the panes catch up
+        when the modal closes."""
+        if not self.is_current:
+            return
+        state = self.state
+        key = (state.version, self.gpu_report, self.selected, self.overlay, self.name_filter)
+        if key == self._drawn and not force:
+            return
+        self._drawn = key
+        with self.app.batch_update():
+            self.status_bar.show(state, self.app.target_name)
+            jobs = list(state.jobs.values())
+            self.jobs_table.reconcile(jobs, self.name_filter)
+            if self.selected not in state.jobs:
+                self.selected = self.jobs_table.highlighted_job
+            job = self.selected_job
+            self.adapter_pane.show(job)
+            self.loss_chart.show(jobs, self.selected, self.overlay)
+            self.backend_pane.show(state.model, state.engine, state.resource, self.gpu_report,
+                                   state.output_dir)
+            self.log_pane.sync(state)
+            self.jobs_pane.border_title = (f"Jobs · filter '{self.name_filter}'"
+                                           if self.name_filter else "Jobs")
+        bindings_key = (state.connection, state.stopped, job.state if job else None)
+        if bindings_key != self._bindings_key:
+            self._bindings_key = bindings_key
+            self.refresh_bindings()
+
+    def on_screen_resume(self) -> None:
+        self.redraw()
+
+    @property
+    def selected_job(self) -> JobView | None:
+        return self.state.jobs.get(self.selected) if self.selected else None
+
+    @on(JobsTable.JobHighlighted)
+    def _job_highlighted(self, message: JobsTable.JobHighlighted) -> None:
+        if message.name != self.selected:
+            self.selected = message.name
+            self.redraw()
+
+    def on_monitor_screen_gpu_sampled(self, message: GpuSampled) -> None:
+        self.gpu_report = message.report
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """None (shown dimmed, does nothing) for keys that do not apply right now."""
+        live = self.state.connection == CONNECTED
+        if action in _JOB_ACTIONS:
+            job = self.selected_job
+            ok = live and job is not None and job.state in _JOB_ACTIONS[action]
+            if action == "save" and job is not None:
+                ok = ok and job.step > 0
+            return True if ok else None
+        if action == "add":
+            return True if live else None
+        if action == "clear_filter":
+            return bool(self.name_filter) or self.filter_input.display
+        return True
+
+    def action_pause(self) -> None:
+        self.app.send("pause", self.selected)
+
+    def action_resume(self) -> None:
+        self.app.send("resume", self.selected)
+
+    def action_save(self) -> None:
+        self.app.send("save", self.selected)
+
+    def action_cancel_job(self) -> None:
+        name = self.selected
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.app.send("cancel", name)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Cancel job {name!r}?\n\nIt stops for good and its adapter leaves "
+                          f"the model; checkpoints already written stay.", "Cancel job"),
+            answered)
+
+    def action_add(self) -> None:
+        self.app.push_screen(AddAdaptersScreen(self.app.add_adapters_from))
+
+    def action_toggle_overlay(self) -> None:
+        self.overlay = not self.overlay
+        self.redraw()
+
+    def action_filter(self) -> None:
+        self.filter_input.display = True
+        self.filter_input.focus()
+
+    def action_clear_filter(self) -> None:
+        self.filter_input.value = ""
+        self.filter_input.display = False
+        self.name_filter = ""
+        self.jobs_table.focus()
+        self.redraw()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.name_filter = event.value.strip()
+        self.redraw()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        self.filter_input.display = bool(self.name_filter)
+        self.jobs_table.focus()
+
+    # -- workers ------------------------------------------------------------------------
+
+    @work(exclusive=True, group="engine")
+    async def follow_engine(self) -> None:
+        """Find the engine, then follow it for as long as the screen lives: hello, status,
+        every event (replayed from the start, so curves are whole); on a lost connection,
+        try again with backoff, looking for the engine of the same run when its socket is
+        gone (a restarted engine has a new pid and socket)."""
+        from mlora_tui.client import EngineClient, EngineUnavailable, RequestFailed
+
+        app, state = self.app, self.state
+        try:
+            record = await asyncio.to_thread(app.locate)
+        except UserError as e:
+            app.failure = str(e)
+            app.exit(return_code=2)
+            return
+        app.record = record
+        delay = RECONNECT_FIRST_S
+        while True:
+            try:
+                client = await EngineClient.connect(record.socket, client="mlora-tui")
+            except RequestFailed as e:
+                if e.code == VERSION_MISMATCH:     # waiting will not help
+                    app.failure = e.message
+                    app.exit(return_code=2)
+                    return
+                state.disconnected(e.message)
+                await asyncio.sleep(RECONNECT_MAX_S)
+                continue
+            except (EngineUnavailable, OSError) as e:
+                state.disconnected(str(e))
+                moved = await asyncio.to_thread(_engine_of_run, record)
+                if moved is not None and moved.socket != record.socket:
+                    record = app.record = moved
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = RECONNECT_FIRST_S
+            reason = "connection closed"
+            try:
+                state.connected(client.engine_info)
+                app.client = client
+                state.apply_status(await client.status())
+                async for event in client.events(replay=True):
+                    state.apply_event(event)
+            except (EngineUnavailable, RequestFailed, OSError) as e:
+                reason = str(e)
+            finally:
+                app.client = None
+                await client.close()
+            state.disconnected(reason)
+
+    @work(thread=True, exclusive=True, group="gpu")
+    def sample_gpus(self) -> None:
+        """Read NVML every second; blocking calls, so in a thread of its own."""
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        sampler = self.app.gpu_sampler
+        try:
+            while not worker.is_cancelled:
+                try:
+                    self.post_message(self.GpuSampled(sampler.sample()))
+                except RuntimeError:    # the app's loop closed under us: it is exiting
+                    return
+                if self.app.gpu_stop.wait(GPU_SAMPLE_S):
+                    return
+        finally:
+            sampler.close()
+
+
+def _engine_of_run(record: "EngineRecord") -> "EngineRecord | None":
+    """The live engine serving the same output folder as ``record`` (None if none)."""
+    from engine.runtime import find_engine
+
+    try:
+        return find_engine(output_dir=record.output_dir)
+    except UserError:
+        return None
+
+
+class MloraApp(App):
+    """The mlora-tui application.
+
+    ``locate`` returns the engine to watch (it may start one); it runs in a thread once
+    the first frame is up. A UserError from it (the engine could not start) ends the app
+    with exit code 2 and leaves the message in ``failure``, for the entry point to print
+    on stderr. Without ``locate`` the app shows ``state`` as given (snapshot tests).
+    ``gpu_sampler`` is NVML unless given (None: no GPU pane readings); ``keymap`` maps
+    binding ids to keys.
+    """
+
+    CSS_PATH = "app.tcss"
+    TITLE = "mlora-tui"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (130, "-wide")]
+    BINDINGS = [
+        Binding("q", "detach", "Quit", id="quit",
+                tooltip="Leave the TUI; the engine trains on"),
+        Binding("d", "detach", "Detach", id="detach",
+                tooltip="Leave the TUI; the engine trains on"),
+        Binding("S", "stop_engine", "Stop", id="stop",
+                tooltip="Stop the engine: checkpoint every unfinished job, exit (asks first)"),
+        Binding("question_mark", "help", "Help", id="help", tooltip="This list of keys"),
+        Binding("ctrl+p", "command_palette", "Palette", show=False, id="palette",
+                tooltip="Every command, searchable"),
+    ]
+
+    def __init__(self, locate: Callable[[], "EngineRecord"] | None = None, *,
+                 state: EngineState | None = None, target_name: str | None = None,
+                 gpu_sampler: Any = "nvml", keymap: dict[str, str] | None = None):
+        super().__init__()
+        self.locate = locate
+        self.state = state or EngineState()
+        self.target_name = target_name
+        self.gpu_sampler = GpuSampler() if gpu_sampler == "nvml" else gpu_sampler
+        self.gpu_stop = threading.Event()
+        self.keymap = keymap or {}
+        self.record: EngineRecord | None = None
+        self.client = None
+        self.failure: str | None = None     # why the app gave up (printed after it exits)
+
+    def on_mount(self) -> None:
+        if self.keymap:
+            self.set_keymap(self.keymap)
+        self.push_screen(MonitorScreen())
+
+    def on_unmount(self) -> None:
+        self.gpu_stop.set()
+
+    # -- talking to the engine ----------------------------------------------------------
+
+    def send(self, request: str, job: str | None = None) -> None:
+        """Send a control request without blocking the UI (the engine answers between
+        training steps); its effect shows through the events, a refusal as a notice."""
+        self.run_worker(self._send(request, job), group="requests")
+
+    async def _send(self, request: str, job: str | None) -> None:
+        from mlora_tui.client import EngineUnavailable, RequestFailed
+
+        what = f"{request} {job}" if job else request
+        client = self.client
+        if client is None:
+            self._refused(what, "engine disconnected")
+            return
+        try:
+            await getattr(client, request)(*((job,) if job is not None else ()))
+        except RequestFailed as e:
+            self._refused(what, e.message)
+        except (EngineUnavailable, OSError) as e:
+            self._refused(what, str(e))
+
+    def _refused(self, what: str, why: str) -> None:
+        self.state.note(f"{what}: {why}", "error")
+        self.notify(why, title=what, severity="error")
+
+    async def add_adapters_from(self, path: str) -> str | None:
+        """Send the TOML file at ``path`` to the engine; None when added, else the reason."""
+        from mlora_tui.client import EngineUnavailable, RequestFailed
+
+        file = Path(path).expanduser()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return f"cannot read {file}: {getattr(e, 'strerror', None) or e}"
+        client = self.client
+        if client is None:
+            return "the engine is disconnected; try again when it is back"
+        try:
+            result = await client.add_jobs(text, str(file.resolve()))
+        except RequestFailed as e:
+            return e.message
+        except (EngineUnavailable, OSError) as e:
+            return str(e)
+        added = result.get("added", []) if isinstance(result, dict) else result
+        self.notify(f"added {', '.join(added) or 'nothing'}", title="adapters")
+        return None
+
+    # -- global keys --------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_engine":
+            return True if self.state.connection == CONNECTED and not self.state.stopped else None
+        return True
+
+    def action_detach(self) -> None:
+        """Leave; the engine trains on."""
+        self.exit()
+
+    def action_stop_engine(self) -> None:
+        name = self.state.engine.get("name") or "the engine"
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.state.stopping()
+                self.send("stop")
+
+        self.push_screen(ConfirmScreen(
+            f"Stop engine {name}?\n\nEvery unfinished job is checkpointed, then the engine "
+            f"exits. To leave it training, quit with q or d instead.", "Stop engine"),
+            answered)
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(list(self._help_rows())))
+
+    def _help_rows(self) -> Iterable[tuple[str, str, bool, str]]:
+        """(keys, description, applies now, id) of our own bindings, as currently mapped."""
+        rows: dict[str, tuple[list[str], str, bool]] = {}
+        for active in self.screen.active_bindings.values():
+            binding = active.binding
+            if binding.id is None:      # Textual's own and the focused widget's keys
+                continue
+            what = binding.tooltip or binding.description
+            keys, _, _ = rows.setdefault(binding.id, ([], what, active.enabled))
+            keys.append(self.get_key_display(binding))
+        for binding_id, (keys, description, enabled) in rows.items():
+            yield ", ".join(keys), description, enabled, binding_id
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if not isinstance(screen, MonitorScreen):
+            return
+        job = screen.selected or "the selected job"
+        commands = [
+            ("pause", f"Pause {job}", "take the job out of the batch until resumed"),
+            ("resume", f"Resume {job}", "put the paused job back in the batch"),
+            ("cancel_job", f"Cancel {job}", "end the job for good (asks first)"),
+            ("save", f"Checkpoint {job}", "write a checkpoint of the job now"),
+            ("add", "Add adapters", "add jobs from a TOML file of [[adapter]] tables"),
+            ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
+            ("filter", "Filter jobs", "show only adapters whose name contains a text"),
+        ]
+        for action, title, help_text in commands:
+            if screen.check_action(action, ()):
+                yield SystemCommand(title, help_text, partial(screen.run_action, action))
+        if self.client is not None:
+            yield SystemCommand("Checkpoint every job", "write a checkpoint of every "
+                                "unfinished job now", partial(self.send, "save"))
+        if self.check_action("stop_engine", ()):
+            yield SystemCommand("Stop the engine", "checkpoint and exit (asks first)",
+                                self.action_stop_engine)
+        yield SystemCommand("Detach", "leave; the engine trains on", self.action_detach)
+
+
+def binding_ids() -> set[str]:
+    """Every binding id a keymap may remap."""
+    screens = (MloraApp, MonitorScreen, ConfirmScreen, AddAdaptersScreen, HelpScreen)
+    return {binding.id for screen in screens for binding in screen.BINDINGS
+            if isinstance(binding, Binding) and binding.id}

@@ -1,0 +1,85 @@
+"""The adapter pane: every setting of the selected adapter, as its config gave them.
+
+Fields come from the job's ``adapter`` dict (all of ``AdapterConfig``) in its own order, so
+a field added to the config shows up here without a change. Settings left to a default that
+the engine resolves (targets, seed, cutoff) say so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from mlora_tui.state import JobView
+from mlora_tui.widgets import formatting as fmt
+
+_UNSET = {
+    "target_modules": "family default",
+    "warmup_steps": "from warmup_ratio",
+    "cutoff_len": "[train] cutoff_len",
+    "seed": "[train] seed",
+    "max_grad_norm": "no clipping",
+    "init_from": "fresh weights",
+}
+
+
+def _value(name: str, value: Any, job: JobView) -> Text:
+    if name == "target_modules" and value is None and job.targets:
+        return Text(", ".join(job.targets))
+    if value is None or value == "":
+        return Text(_UNSET.get(name, fmt.DASH), style="dim")
+    if isinstance(value, bool):
+        return Text("yes" if value else "no")
+    if isinstance(value, (list, tuple)):
+        return Text(", ".join(map(str, value)))
+    if isinstance(value, float):
+        return Text(f"{value:g}")
+    return Text(str(value))
+
+
+class AdapterPane(VerticalScroll):
+    """Scrollable list of the selected adapter's settings."""
+
+    DEFAULT_CSS = """
+    AdapterPane {
+        background: $surface;
+        scrollbar-size-vertical: 1;
+    }
+    AdapterPane > Static {
+        width: 1fr;
+    }
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._body = Static("no adapter selected")
+        self._shown: tuple | None = None
+
+    def compose(self):
+        yield self._body
+
+    def show(self, job: JobView | None) -> None:
+        key = None if job is None else (job.name, repr(job.adapter), tuple(job.targets),
+                                        job.train_examples, job.val_examples, job.reason)
+        if key == self._shown:
+            return
+        self._shown = key
+        self.border_title = f"Adapter {job.name}" if job else "Adapter"
+        if job is None:
+            self._body.update(Text("no adapter selected", style="dim"))
+            return
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        for name, value in job.adapter.items():
+            if name != "name":
+                table.add_row(name, _value(name, value, job))
+        table.add_row("examples", Text(f"{fmt.count(job.train_examples)} train, "
+                                       f"{fmt.count(job.val_examples)} validation"))
+        if job.reason:
+            table.add_row("reason", Text(job.reason))
+        self._body.update(table)

@@ -1,0 +1,93 @@
+"""The backend pane: what the engine runs on and what it costs.
+
+The base model facts come from the engine (``run_start``/``status``: device, dtype,
+attention, quantization, model), the process figures from its ``resource`` events (memory,
+CPU, device memory), and per-GPU figures from NVML on this machine (``mlora_tui.gpu``),
+each N/A on its own when unknown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from mlora_tui.gpu import GpuReport
+from mlora_tui.widgets import formatting as fmt
+
+
+def _or_na(value: Any, suffix: str = "") -> str:
+    return fmt.NA if value is None else f"{value}{suffix}"
+
+
+def _power(reading) -> str:
+    if reading.power is None:
+        return fmt.NA
+    limit = f"/{reading.power_limit:.0f}" if reading.power_limit is not None else ""
+    return f"{reading.power:.0f}{limit} W"
+
+
+def _memory(used: int | None, total: int | None) -> str:
+    if used is None:
+        return fmt.NA
+    return fmt.size(used) + (f" / {fmt.size(total)}" if total else "")
+
+
+class BackendPane(Static):
+    """Device, precision and attention of the base model; engine process and GPU usage."""
+
+    DEFAULT_CSS = """
+    BackendPane {
+        background: $surface;
+        scrollbar-size-vertical: 1;
+        height: 1fr;
+        overflow-y: auto;
+    }
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._shown: tuple | None = None
+
+    def show(self, model: dict[str, Any], engine: dict[str, Any],
+             resource: dict[str, Any] | None, gpus: GpuReport | None,
+             output_dir: str | None = None) -> None:
+        key = (repr(model), engine.get("pid"), repr(resource), gpus, output_dir)
+        if key == self._shown:
+            return
+        self._shown = key
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        device = model.get("device")
+        kind = device.split(":")[0] if device else None
+        table.add_row("device", Text(f"{device} ({kind})" if device else fmt.DASH))
+        table.add_row("dtype", Text(model.get("dtype") or fmt.DASH))
+        table.add_row("attention", Text(model.get("attn_impl") or fmt.DASH))
+        table.add_row("quantize", Text(model.get("quantize") or "none"))
+        if model.get("model_type"):
+            table.add_row("model", Text(f"{model['model_type']}, "
+                                        f"{fmt.count(model.get('num_params'))} params"))
+        table.add_row("engine", Text(f"pid {engine['pid']}" if engine.get("pid") else fmt.DASH))
+        resource = resource or {}
+        table.add_row("memory", Text(fmt.size(resource.get("rss_bytes"))))
+        cpu = resource.get("cpu_percent")
+        table.add_row("cpu", Text(fmt.NA if cpu is None else f"{cpu:.0f}%"))
+        if resource.get("device_memory_bytes") is not None:
+            table.add_row("dev memory", Text(_memory(resource.get("device_memory_bytes"),
+                                                     resource.get("device_memory_total_bytes"))))
+        if gpus is None:
+            table.add_row("gpu", Text("reading...", style="dim"))
+        elif not gpus.available:
+            table.add_row("gpu", Text(gpus.note or "no GPU", style="dim"))
+        for gpu in gpus.gpus if gpus else ():
+            table.add_row(f"gpu {gpu.index}", Text(gpu.name or fmt.NA))
+            table.add_row("  util", Text(_or_na(gpu.utilization, "%")))
+            table.add_row("  memory", Text(_memory(gpu.memory_used, gpu.memory_total)))
+            table.add_row("  temp", Text(_or_na(gpu.temperature, "°C")))
+            table.add_row("  power", Text(_power(gpu)))
+        if output_dir:
+            table.add_row("output", Text(output_dir))
+        self.update(table)

@@ -1,0 +1,313 @@
+"""The TUI's torch-free, Textual-free parts: the buffered engine state, NVML sampling and
+the braille loss plot. Expected values are written out by hand from the events fed in."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from mlora_tui.gpu import GpuSampler
+from mlora_tui.state import CONNECTED, CONNECTING, DISCONNECTED, EngineState, variant_of
+from mlora_tui.widgets.loss_chart import Series, plot
+
+ENGINE = {"name": "demo", "pid": 100}
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_events(n_steps: int = 3) -> list[dict]:
+    """What an engine with one job sends: start, job added, running, steps, eval."""
+    adapter = {"name": "a", "data": "d.jsonl", "r": 4, "lora_alpha": 8, "use_dora": True,
+               "use_rslora": False, "loraplus_lr_ratio": 4.0, "target_modules": None}
+    events = [
+        {"type": "run_start", "time": 1.0, "device": "cpu", "dtype": "fp32", "attn_impl": "sdpa",
+         "model_type": "llama", "num_params": 1000, "base_model": "/m", "quantize": None,
+         "config": "c.toml", "output_dir": "/out"},
+        {"type": "job_added", "time": 2.0, "job": "a", "adapter": adapter, "total_steps": 10,
+         "train_examples": 40, "val_examples": 4, "targets": ["q_proj", "v_proj"]},
+        {"type": "job_state", "time": 2.0, "job": "a", "state": "queued", "reason": None,
+         "step": 0, "total_steps": 10},
+        {"type": "job_state", "time": 3.0, "job": "a", "state": "running", "reason": None,
+         "step": 0, "total_steps": 10},
+    ]
+    for step in range(1, n_steps + 1):
+        events.append({"type": "step", "time": 3.0 + step, "job": "a", "step": step,
+                       "total_steps": 10, "epoch": step / 5, "loss": 3.0 - 0.5 * step,
+                       "lr": 1e-3, "grad_norm": 0.5, "tokens": 64, "tokens_per_s": 640.0,
+                       "eta_s": 10.0 - step})
+    return events
+
+
+def feed(state: EngineState, events: list[dict], first_seq: int = 1) -> int:
+    """Apply events with seq numbers as the client gives them (in the event dict)."""
+    applied = 0
+    for seq, event in enumerate(events, first_seq):
+        applied += state.apply_event({**event, "seq": seq})
+    return applied
+
+
+def test_events_build_jobs_with_their_history_and_settings():
+    state = EngineState(clock=Clock())
+    state.connected(ENGINE)
+    feed(state, run_events(3) + [{"type": "eval", "time": 9.0, "job": "a", "step": 3,
+                                  "eval_loss": 1.25}])
+    assert state.model == {"device": "cpu", "dtype": "fp32", "quantize": None,
+                           "attn_impl": "sdpa", "model_type": "llama", "num_params": 1000,
+                           "base_model": "/m"}
+    job = state.jobs["a"]
+    assert (job.state, job.step, job.total_steps, job.r) == ("running", 3, 10, 4)
+    assert job.variant == "dora+loraplus"
+    assert job.loss == 1.5 and job.eta_s == 7.0 and job.epoch == 0.6
+    assert job.history == [(1, 2.5), (2, 2.0), (3, 1.5)]
+    assert job.eval_loss == 1.25 and job.eval_points == [(3, 1.25)]
+    assert job.targets == ["q_proj", "v_proj"] and job.train_examples == 40
+    messages = [line.message for line in state.logs]
+    assert "a: running" in messages
+    assert "a: eval loss 1.25 at step 3" in messages
+
+
+def test_job_state_changes_are_logged_with_reason_and_failures_as_errors():
+    state = EngineState(clock=Clock())
+    feed(state, run_events(1) + [
+        {"type": "job_state", "time": 9, "job": "a", "state": "paused", "reason": "paused by user",
+         "step": 1, "total_steps": 10},
+        {"type": "job_state", "time": 10, "job": "a", "state": "failed", "reason": "NaN loss",
+         "step": 1, "total_steps": 10},
+    ])
+    lines = [(line.level, line.message) for line in state.logs][-2:]
+    assert lines == [("info", "a: paused (paused by user)"), ("error", "a: failed (NaN loss)")]
+    assert state.jobs["a"].finished and state.jobs["a"].eta_s is None
+
+
+def test_replay_after_a_reconnect_applies_nothing_twice():
+    clock = Clock()
+    state = EngineState(clock=clock)
+    state.connected(ENGINE)
+    events = run_events(5)
+    assert feed(state, events[:7]) == 7              # up to step 3
+    logs_before = state.log_count
+    state.disconnected("connection closed")
+    state.connected(ENGINE)                          # same engine: seq numbers carry on
+    # subscribe(replay=True) sends everything again from seq 1, then the new events.
+    assert feed(state, events) == 2                  # only steps 4 and 5 are new
+    job = state.jobs["a"]
+    assert [step for step, _ in job.history] == [1, 2, 3, 4, 5]
+    assert job.step == 5
+    # No log line of the replayed part came twice ("a: running" once).
+    assert sum(line.message == "a: running" for line in state.logs) == 1
+    assert state.log_count == logs_before + 2        # "disconnected" and "reconnected" notes
+
+
+def test_another_engine_behind_the_socket_starts_afresh():
+    state = EngineState(clock=Clock())
+    state.connected(ENGINE)
+    feed(state, run_events(3))
+    generation = state.generation
+    assert state.connected({"name": "demo", "pid": 200}) is True
+    assert state.jobs == {} and state.last_seq == 0 and state.generation == generation + 1
+    feed(state, run_events(1))                       # its seq numbers start again at 1
+    assert state.jobs["a"].history == [(1, 2.5)]
+
+
+def test_disconnect_keeps_the_time_of_the_last_update_and_logs_once():
+    clock = Clock(1000.0)
+    state = EngineState(clock=clock)
+    assert state.connection == CONNECTING and state.last_update is None
+    state.connected(ENGINE)
+    clock.now = 1005.0
+    feed(state, run_events(2))
+    assert state.connection == CONNECTED and state.last_update == 1005.0
+    clock.now = 1010.0
+    state.disconnected("connection closed")
+    version = state.version
+    for _ in range(3):                               # failed reconnect attempts
+        state.disconnected("connection closed")
+    assert state.connection == DISCONNECTED
+    assert state.last_update == 1005.0               # staleness shows the last real update
+    assert state.version == version                  # nothing to redraw
+    warnings = [line.message for line in state.logs if line.level == "warning"]
+    assert warnings == ["engine disconnected: connection closed"]
+
+
+def test_engine_exit_is_remembered_until_the_next_connection():
+    state = EngineState(clock=Clock())
+    state.connected(ENGINE)
+    feed(state, [{"type": "engine_exit", "time": 5, "code": 0, "reason": "every job finished"}])
+    state.disconnected()
+    assert state.exit_reason == "every job finished"
+    state.connected({"name": "demo", "pid": 300})
+    assert state.exit_reason is None
+
+
+def test_status_reply_fills_jobs_even_while_the_model_loads():
+    state = EngineState(clock=Clock())
+    state.connected(ENGINE)
+    state.apply_status({"engine": {**ENGINE, "state": "loading"}, "model": None,
+                        "output_dir": "/out", "jobs": []})
+    assert state.model == {} and state.engine["state"] == "loading"
+    state.apply_status({"model": {"device": "cuda:0", "dtype": "bf16"}, "jobs": [
+        {"name": "b", "state": "paused", "reason": "paused by user", "step": 4,
+         "total_steps": 8, "epoch": 1.0, "variant": "rslora", "r": 16, "loss": 0.7,
+         "eval_loss": None, "lr": 2e-4, "grad_norm": 1.0, "tokens_per_s": 100.0,
+         "eta_s": 12.0, "adapter": {"name": "b", "r": 16, "use_rslora": True}}]})
+    job = state.jobs["b"]
+    assert (job.state, job.step, job.variant, job.r, job.loss) == ("paused", 4, "rslora", 16, 0.7)
+    assert job.adapter["use_rslora"] is True
+    assert job.history == []          # history comes from step events only
+    assert state.model["device"] == "cuda:0"
+
+
+def test_logs_are_bounded_and_new_lines_are_found_by_count():
+    state = EngineState(max_logs=5, clock=Clock())
+    for i in range(12):
+        state.apply_event({"type": "log", "time": i, "level": "info", "message": f"m{i}"},
+                          seq=i + 1)
+    assert [line.message for line in state.logs] == ["m7", "m8", "m9", "m10", "m11"]
+    assert [line.message for line in state.new_logs(10)] == ["m10", "m11"]
+    assert len(state.new_logs(0)) == 5               # older ones fell off the bounded log
+    assert state.new_logs(12) == []
+
+
+def test_unknown_events_are_skipped_but_counted_and_resources_kept():
+    state = EngineState(clock=Clock())
+    assert state.apply_event({"type": "from_the_future", "x": 1}, seq=1)
+    state.apply_event({"type": "resource", "time": 3, "rss_bytes": 5 << 20, "cpu_percent": 50.0,
+                       "device": "cpu", "device_memory_bytes": None}, seq=2)
+    assert state.last_seq == 2
+    assert state.resource["rss_bytes"] == 5 << 20 and state.resource["cpu_percent"] == 50.0
+
+
+def test_run_end_summarises_where_the_jobs_ended():
+    state = EngineState(clock=Clock())
+    state.apply_event({"type": "run_end", "time": 1, "jobs": {
+        "a": {"state": "done"}, "b": {"state": "paused"}, "c": {"state": "done"}}}, seq=1)
+    assert state.logs[-1].message == "run ended (2 done, 1 paused)"
+
+
+@pytest.mark.parametrize("adapter, variant", [
+    ({}, "lora"), ({"use_rslora": True}, "rslora"), ({"use_dora": True, "use_rslora": True}, "dora"),
+    ({"loraplus_lr_ratio": 16.0}, "lora+loraplus"),
+])
+def test_variant_names_match_the_engine(adapter, variant):
+    assert variant_of(adapter) == variant
+
+
+# -- NVML ----------------------------------------------------------------------------------
+
+class FakeNVMLError(Exception):
+    pass
+
+
+class FakeNvml:
+    """pynvml's surface, with one GPU that supports everything and one that supports
+    almost nothing (as on many datacenter or virtual GPUs)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, fail_init: bool = False):
+        self.fail_init = fail_init
+        self.shutdown = False
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise FakeNVMLError("Driver Not Loaded")
+
+    def nvmlShutdown(self):
+        self.shutdown = True
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def _only_first(self, handle, value):
+        if handle != 0:
+            raise FakeNVMLError("Not Supported")
+        return value
+
+    def nvmlDeviceGetName(self, h):
+        return b"Fake GPU" if h == 0 else "Other GPU"
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return self._only_first(h, type("U", (), {"gpu": 42})())
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"used": 1 << 30, "total": 8 << 30})()
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return self._only_first(h, 61)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._only_first(h, 123_000)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        raise FakeNVMLError("Not Supported")
+
+
+def test_gpu_fields_are_read_one_by_one_and_missing_ones_are_none():
+    nvml = FakeNvml()
+    sampler = GpuSampler(nvml)
+    report = sampler.sample()
+    first, second = report.gpus
+    assert (first.name, first.utilization, first.temperature, first.power) == (
+        "Fake GPU", 42, 61, 123.0)
+    assert first.memory_used == 1 << 30 and first.memory_total == 8 << 30
+    assert first.power_limit is None
+    assert (second.name, second.utilization, second.temperature, second.power) == (
+        "Other GPU", None, None, None)
+    assert second.memory_used == 1 << 30
+    sampler.close()
+    assert nvml.shutdown
+
+
+def test_no_nvml_or_no_driver_reads_as_no_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)     # import pynvml fails
+    report = GpuSampler().sample()
+    assert not report.available and report.note == "no GPU"
+    report = GpuSampler(FakeNvml(fail_init=True)).sample()
+    assert not report.available and report.note == "no GPU (NVML: Driver Not Loaded)"
+
+
+# -- the loss plot ------------------------------------------------------------------------
+
+def _cells(lines, margin):
+    return [line.plain[margin:] for line in lines[:-1]]
+
+
+def test_plot_draws_a_falling_line_from_top_left_to_bottom_right():
+    steps = list(range(0, 101))
+    losses = [2.0 - 0.01 * s for s in steps]         # 2.0 at step 0 down to 1.0 at 100
+    lines = plot([Series("a", steps, losses, "red")], width=25, height=6, x_max=100)
+    assert len(lines) == 6
+    margin = len("1.5") + 1                          # the widest label, then the axis
+    assert lines[0].plain[:margin] == "  2┤" and lines[4].plain[:margin] == "  1┤"
+    cells = _cells(lines, margin)
+    assert cells[0][0] != " " and cells[-1][-1] != " "      # both ends are drawn
+    assert cells[0][-1] == " " and cells[-1][0] == " "      # the other corners are empty
+    for row in cells:                                # a line, so one short run per row
+        drawn = [i for i, c in enumerate(row) if c != " "]
+        assert drawn and drawn[-1] - drawn[0] < 8
+    assert lines[-1].plain.rstrip().endswith("step 100")
+
+
+def test_plot_x_axis_runs_to_total_steps_so_a_young_run_fills_the_left():
+    lines = plot([Series("a", [1, 2, 3], [3.0, 2.0, 1.0], "red")], width=40, height=5, x_max=300)
+    cells = _cells(lines, len(lines[0].plain) - 36)      # 36 columns of dots
+    assert all(c == " " for row in cells for c in row[4:])   # steps 1-3 of 300: the first
+
+
+def test_plot_overlay_gives_each_series_its_cells_and_style():
+    a = Series("a", [0, 10], [1.0, 1.0], "red")
+    b = Series("b", [0, 10], [3.0, 3.0], "blue")
+    lines = plot([a, b], width=20, height=5, x_max=10)
+    styles = {str(span.style) for line in lines for span in line.spans}
+    assert {"red", "blue"} <= styles
+    assert plot([], width=20, height=5, x_max=10)[0].plain.strip() == "no loss yet"
