@@ -218,6 +218,11 @@ def _targets(value: Any) -> tuple[Any, bool]:
 
 # --- a small TOML writer ----------------------------------------------------------------
 
+def toml_assignment(key: str, value: Any) -> str:
+    """One ``key = value`` line of TOML (a comment when TOML cannot hold the value)."""
+    return _assign(key, value)
+
+
 def _assign(key: str, value: Any) -> str:
     text = _toml_value(value)
     if text is None:

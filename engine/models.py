@@ -27,6 +27,7 @@ from torch import nn
 from .config import DEMO_MODEL as DEMO_MODEL_NAME
 from .config import ModelConfig
 from .errors import ConfigError, UserError
+from .families import DEFAULT_TARGETS
 from .lora import MultiLoraLinear
 
 Log = Callable[[str], None]
@@ -45,15 +46,6 @@ BACKEND_ENV = "MLORA_BACKEND_TYPE"
 CACHE_ENV = "MLORA_CACHE_DIR"
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# The attention projections, which is also what PEFT and m-LoRA target by default.
-_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: _QKVO for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                          "gemma3_text", "gemma3", "glm", "glm4")},
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-    "phi3": ["qkv_proj", "o_proj"],
-}
 
 
 # ---------------------------------------------------------------------------------------
