@@ -15,6 +15,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,22 @@ class JobOutcome:
     eval_loss: float | None = None
     adapter_path: str | None = None
     checkpoint_path: str | None = None
+    data: str | None = None            # its data file, for an example prompt
+
+
+def _first_alpaca_row(data_path: str | None) -> tuple[str, str] | None:
+    """(instruction, input) of a JSONL data file's first row, to show a real example."""
+    if not data_path:
+        return None
+    try:
+        with open(data_path, encoding="utf-8") as f:
+            row = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+        return None
+    input_text = row.get("input")
+    return row["instruction"], input_text if isinstance(input_text, str) else ""
 
 
 class RunSummary:
@@ -202,7 +219,9 @@ class RunSummary:
         if kind == "run_start":
             self.output_dir = event.get("output_dir")
         elif kind == "job_added":
-            self._job(event["job"]).total_steps = event.get("total_steps") or 0
+            job = self._job(event["job"])
+            job.total_steps = event.get("total_steps") or 0
+            job.data = (event.get("adapter") or {}).get("data")
         elif kind == "job_state":
             job = self._job(event["job"])
             job.state, job.reason = event["state"], event.get("reason")
@@ -268,9 +287,17 @@ class RunSummary:
         if tries:
             console.print(Text("Try an adapter (add --base-only to compare with the base model):",
                                style="bold"))
-            for _job, folder in tries:
-                console.print(Text(f'  mlora generate --adapter {shlex.quote(folder)} '
-                                   f'"Your instruction here"'), soft_wrap=True)
+            for job, folder in tries:
+                example = _first_alpaca_row(job.data)
+                if example is None:
+                    prompt = '"Your instruction here"'
+                else:
+                    instruction, input_text = example
+                    prompt = shlex.quote(instruction)
+                    if input_text:
+                        prompt += f" --input {shlex.quote(input_text)}"
+                console.print(Text(f"  mlora generate --adapter {shlex.quote(folder)} {prompt}"),
+                              soft_wrap=True)
         if self.output_dir:
             console.print(Text(f"Every event is in {Path(self.output_dir) / 'metrics.jsonl'}",
                                style="dim"), soft_wrap=True)
