@@ -91,10 +91,11 @@ from pathlib import Path
 import torch
 
 from engine.config import RunConfig, load_config
-from engine.data import IGNORE_INDEX, JobData
+from engine.data import JobData
 from engine.models import default_targets, load_base_model, select_device
 from engine.prompts import load_template
 from engine.trainer import Engine, Job
+from engine.trainer import collate as engine_collate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.toml"
@@ -234,17 +235,7 @@ def plan_micro_batches(data: JobData, micro_batch_size: int, count: int) -> list
 
 def collate(data: JobData, indices: list[int], pad_id: int):
     """Right-padded ids, labels and attention mask of one micro-batch (padded to its own max)."""
-    examples = [data.train[i] for i in indices]
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        attention[row, :n] = 1
-    return ids, labels, attention
+    return engine_collate([data.train[i] for i in indices], pad_id)
 
 
 def token_counts(data_by_name: dict[str, JobData], micro: list[tuple[str, list[int]]],

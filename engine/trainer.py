@@ -197,6 +197,20 @@ class Job:
         return round(self.step / per_epoch, 3) if per_epoch else 0.0
 
 
+def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, labels, attention_mask) of encoded examples, on the CPU."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention[row, :n] = 1
+    return ids, labels, attention
+
+
 class _StepClock:
     """Wall time of a step's phases (synchronising the GPU at each boundary, if any)."""
 
@@ -447,17 +461,7 @@ class Engine:
                 self._finish(job)
 
     def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded (input_ids, labels, attention_mask) of encoded examples, on the CPU."""
-        width = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example.input_ids)
-            ids[row, :n] = torch.tensor(example.input_ids)
-            labels[row, :n] = torch.tensor(example.labels)
-            attention[row, :n] = 1
-        return ids, labels, attention
+        return collate(examples, self.tokenizer.pad_token_id)
 
     def _token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
         """Summed cross-entropy over the target tokens of these rows, and their count.
