@@ -141,6 +141,9 @@ def _engine_request(engine: Optional[str],
     return _run_client(_with_client(record, action))
 
 
+EngineArgument = Annotated[Optional[str], typer.Argument(
+    help="The engine's name or pid (see mlora ps); default: the only one running.",
+    show_default=False)]
 EngineOption = Annotated[Optional[str], typer.Option(
     "--engine", "-e", help="The engine's name or pid (see mlora ps); default: the only "
                            "one running.", show_default=False)]
@@ -276,9 +279,7 @@ def run(
 
 @app.command(help=ATTACH_HELP)
 def attach(
-    name: Annotated[Optional[str], typer.Argument(
-        help="The engine's name or pid; default: the only one running.",
-        show_default=False)] = None,
+    name: EngineArgument = None,
     json_lines: Annotated[bool, typer.Option(
         "--json", help="Print every event as a JSON line on stdout instead of progress "
                        "bars.")] = False,
@@ -491,9 +492,7 @@ def _print_jobs(out: Console, jobs: list[dict], indent: str = "") -> None:
 
 @app.command(help=STOP_HELP)
 def stop(
-    name: Annotated[Optional[str], typer.Argument(
-        help="The engine's name or pid; default: the only one running.",
-        show_default=False)] = None,
+    name: EngineArgument = None,
     wait: Annotated[bool, typer.Option(
         "--wait/--no-wait", help="Wait until the engine has saved its checkpoints and "
                                  "exited.")] = True,
