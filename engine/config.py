@@ -210,22 +210,28 @@ def load_adapter_file(path: str | os.PathLike, train: TrainConfig) -> list[Adapt
 
 # --- reading the file -------------------------------------------------------------------
 
-def _read_toml(path: Path, source: str) -> dict:
+def read_user_text(path: Path, source: str, *, kind: str) -> str:
+    """A user's text file (``kind``: "TOML", "JSON"), with a ConfigError naming what is wrong."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError("config file not found", file=source) from None
+        raise ConfigError(f"{'config file' if kind == 'TOML' else 'file'} not found",
+                          file=source) from None
     except IsADirectoryError:
-        raise ConfigError("is a folder, expected a TOML file", file=source) from None
+        raise ConfigError(f"is a folder, expected a {kind} file", file=source) from None
     except OSError as e:
         raise ConfigError(f"cannot read the file: {e.strerror or e}", file=source) from None
     try:
         # utf-8-sig: accept the byte-order mark some Windows editors write.
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
                           "save the file as UTF-8", file=source) from None
+
+
+def _read_toml(path: Path, source: str) -> dict:
+    text = read_user_text(path, source, kind="TOML")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from engine.config import read_user_text
 from engine.errors import ConfigError
 
 # m-LoRA global key -> [train] key.
@@ -108,18 +109,7 @@ def convert_mlora_json(path: str | os.PathLike) -> str:
 
 
 def _read_json(path: Path, source: str) -> Any:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=source) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read the file: {e.strerror or e}", file=source) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line})",
-                          file=source) from None
+    text = read_user_text(path, source, kind="JSON")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
