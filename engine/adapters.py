@@ -167,6 +167,8 @@ def write_files_atomically(folder: Path, files: dict[str, bytes | dict[str, torc
 def write_folder_atomically(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> None:
     """Write ``files`` (name -> bytes, or name -> tensors for safetensors) as ``folder``.
 
+    A name may hold one ``/`` ("job/adapter_config.json"): a folder inside ``folder``.
+
     Everything goes to a temporary sibling first, is fsynced, then replaces ``folder`` by
     rename; an existing folder is moved aside first and removed only after the new one is
     in place, so a crash leaves one whole version.
@@ -175,8 +177,15 @@ def write_folder_atomically(folder: Path, files: dict[str, bytes | dict[str, tor
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        subfolders = set()
         for name, content in files.items():
-            _write_file(tmp / name, content)
+            target = tmp / name
+            if target.parent != tmp:          # "job/file": a folder inside the folder
+                target.parent.mkdir(parents=True, exist_ok=True)
+                subfolders.add(target.parent)
+            _write_file(target, content)
+        for sub in subfolders:
+            _fsync_dir(sub)
         _fsync_dir(tmp)
         old = None
         if folder.exists():

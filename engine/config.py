@@ -47,7 +47,11 @@ class TrainConfig:
     seed: int = 42
     cutoff_len: int = 256
     save_step: int = 100
+    save_total_limit: int = 3          # engine checkpoints kept (the newest); 0 keeps all
     train_lora_simultaneously_num: int = 4
+    # Rows x padded length of one forward pass at most; a step whose micro-batches hold
+    # more runs as several passes (0: no limit).
+    max_tokens_per_step: int = 0
     gradient_checkpointing: bool = False
 
 
@@ -491,7 +495,9 @@ _TRAIN_RULES = {
     "seed": _int_between(0, MAX_SEED),
     "cutoff_len": _int_at_least(MIN_CUTOFF_LEN),
     "save_step": _int_at_least(1),
+    "save_total_limit": _int_at_least(0),
     "train_lora_simultaneously_num": _int_at_least(1),
+    "max_tokens_per_step": _int_at_least(0),
 }
 _ADAPTER_RULES = {
     "r": _int_between(1, MAX_RANK),

@@ -24,6 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load_file
+
+from engine import checkpoint as ckpt
 from engine.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
                              load_adapter_state, peft_config, read_adapter_folder,
                              write_files_atomically, write_folder_atomically)
@@ -31,6 +34,7 @@ from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
 from engine.lora import BatchLayout, Segment, mix_seed
+from engine.loss import chunked_head_loss
 from engine.models import (default_targets, enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
                            select_device)
@@ -63,10 +67,14 @@ class Job:
     """One adapter being trained: its data, weights, optimizer, schedule and progress."""
 
     def __init__(self, cfg: AdapterConfig, data: JobData, params: dict[str, list], seed: int,
-                 targets: list[str]):
+                 targets: list[str], from_config: bool = True):
         self.cfg = cfg
         self.name = cfg.name
         self.data = data
+        # False for jobs added to a running engine: a resume restores them from the
+        # checkpoint rather than expecting them in the config.
+        self.from_config = from_config
+        self.data_fingerprint = ckpt.data_fingerprint(data.train, data.val)
         self.seed = seed
         self.targets = targets
         self.state = QUEUED
@@ -127,6 +135,11 @@ class Job:
         self.micro_batches_drawn += 1
         return self._pending.pop(0)
 
+    def unread(self, indices: list[int]) -> None:
+        """Put back the micro-batch just drawn: the next draw returns it, with its masks."""
+        self._pending.insert(0, indices)
+        self.micro_batches_drawn -= 1
+
     def dropout_seed(self) -> int:
         """The seed of the current micro-batch's dropout masks."""
         return mix_seed(self.seed, self.micro_batches_drawn)
@@ -142,20 +155,41 @@ class Job:
         self._loss_sum += loss
         self._tokens += tokens
 
-    def optimizer_step(self) -> dict:
+    def grad_norm(self) -> float:
+        """The L2 norm of this job's accumulated gradients (inf or nan if any is)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _advance(self) -> None:
+        self.step += 1
+        if not self._batches and self.step < self.total_steps:
+            self.epoch += 1
+
+    def skip_step(self) -> None:
+        """Drop this optimizer step (a non-finite loss or gradient): nothing is applied.
+
+        The step's examples count as seen and the schedule moves on, so the job's data order
+        and learning rates stay where an applied step would have left them.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending = []
+        self.scheduler.step()
+        self._advance()
+        self._step_started = time.monotonic()
+
+    def optimizer_step(self, grad_norm: float | None = None) -> dict:
         """Clip, step and schedule; returns this step's metrics."""
+        if grad_norm is None:
+            grad_norm = self.grad_norm()
         if self.cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
-        else:
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+            torch.nn.utils.clip_grads_with_norm_(
+                self.parameters, self.cfg.max_grad_norm,
+                torch.tensor(grad_norm, device=self.parameters[0].device))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if not self._batches and self.step < self.total_steps:
-            self.epoch += 1
+        self._advance()
         now = time.monotonic()
         seconds = now - self._step_started
         self._step_started = now
@@ -192,6 +226,27 @@ class Job:
                 "grad_norm": last.get("grad_norm"), "tokens_per_s": last.get("tokens_per_s"),
                 "eta_s": last.get("eta_s"), "adapter": asdict(self.cfg)}
 
+    # -- resume ---------------------------------------------------------------------------
+
+    def position(self) -> dict:
+        """Everything but tensors a resumed job needs to go on exactly where it was."""
+        return {"state": self.state, "reason": self.reason, "step": self.step,
+                "epoch": self.epoch, "batches": self._batches, "pending": self._pending,
+                "batch_targets": self._batch_targets, "loss_sum": self._loss_sum,
+                "tokens": self._tokens, "micro_batches_drawn": self.micro_batches_drawn,
+                "history": self.history, "last_metrics": self.last_metrics,
+                "eval_loss": self.eval_loss, "step_seconds": self._step_seconds}
+
+    def restore_position(self, saved: dict) -> None:
+        self.state, self.reason = saved["state"], saved["reason"]
+        self.step, self.epoch = saved["step"], saved["epoch"]
+        self._batches, self._pending = saved["batches"], saved["pending"]
+        self._batch_targets, self._loss_sum = saved["batch_targets"], saved["loss_sum"]
+        self._tokens = saved["tokens"]
+        self.micro_batches_drawn = saved["micro_batches_drawn"]
+        self.history, self.last_metrics = saved["history"], saved["last_metrics"]
+        self.eval_loss, self._step_seconds = saved["eval_loss"], saved["step_seconds"]
+
     def epoch_progress(self) -> float:
         per_epoch = self.data.steps_per_epoch
         return round(self.step / per_epoch, 3) if per_epoch else 0.0
@@ -212,7 +267,10 @@ def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 class _StepClock:
-    """Wall time of a step's phases (synchronising the GPU at each boundary, if any)."""
+    """Wall time of a step's phases (synchronising the GPU at each boundary, if any).
+
+    A phase that runs several times in a step (a step of several passes) adds up.
+    """
 
     def __init__(self, device: torch.device):
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -222,8 +280,50 @@ class _StepClock:
     def lap(self, phase: str) -> None:
         self._sync()
         now = time.perf_counter()
-        self.laps[phase] = round(now - self._last, 6)
+        self.laps[phase] = round(self.laps.get(phase, 0.0) + now - self._last, 6)
         self._last = now
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# A forward pass costs about as much as this many more tokens would (launches, Python,
+# smaller matrix products): a step splits into passes only where that saves more padding.
+PASS_OVERHEAD_TOKENS = 256
+
+
+def plan_passes(widths: list[tuple[int, int]], max_tokens: int = 0,
+                overhead: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Group micro-batches into forward passes with little padding.
+
+    ``widths[i]`` is micro-batch i's (rows, padded length). A pass holds micro-batches of
+    similar lengths (contiguous in length order) and costs rows x its longest length plus
+    ``overhead``; the plan with the least total cost wins, keeping each pass within
+    ``max_tokens`` where a single micro-batch allows. Returns index groups, each in the
+    order given, groups ordered by their first index.
+    """
+    order = sorted(range(len(widths)), key=lambda i: (widths[i][1], i))
+    n = len(order)
+    best = [0.0] + [math.inf] * n        # best[k]: least cost of the first k in length order
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        rows = 0
+        for start in range(end - 1, -1, -1):
+            rows += widths[order[start]][0]
+            tokens = rows * widths[order[end - 1]][1]
+            if max_tokens and tokens > max_tokens and end - start > 1:
+                break
+            cost = best[start] + tokens + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return sorted(groups)
 
 
 def _count_targets(labels: list[int]) -> int:
@@ -232,17 +332,30 @@ def _count_targets(labels: list[int]) -> int:
 
 
 class Engine:
-    """Holds the base model (loaded once) and the jobs; trains them in batched steps."""
+    """Holds the base model (loaded once) and the jobs; trains them in batched steps.
+
+    With ``resume`` the engine continues from the newest checkpoint in its output folder
+    (every job where it was, bit for bit), after checking that the config still describes
+    the same jobs.
+    """
 
     def __init__(self, config: RunConfig, on_event: EventSink | None = None,
-                 write_metrics: bool = True):
+                 write_metrics: bool = True, resume: bool = False):
         self.config = config
         self.on_event = on_event
         self.output_dir = Path(config.train.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = (open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics_path = self.output_dir / "metrics.jsonl"
+        self._metrics = (open(self._metrics_path, "a", encoding="utf-8")
                          if write_metrics else None)
         self._stop_requested = False
+        self.engine_step = 0           # batched steps taken; a resumed engine counts on
+        self._split_passes = False     # after running out of memory: one pass per job
+        self.pass_overhead = PASS_OVERHEAD_TOKENS   # see plan_passes
+        checkpoint = ckpt.latest_checkpoint(self.output_dir) if resume else None
+        manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
+        if manifest is not None:
+            self._check_resumable(checkpoint, manifest)
         self.device = select_device()
         self.model, self.tokenizer, self.model_info = load_base_model(
             config.model, self.device, log=self.log)
@@ -253,19 +366,48 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self.emit("run_start", config=config.source, output_dir=str(self.output_dir),
                   **self.model_info)
+        if resume and checkpoint is None:
+            self.log(f"nothing to resume: no checkpoint in "
+                     f"{ckpt.checkpoints_dir(self.output_dir)}; starting from the beginning",
+                     level="warning")
+        if manifest is not None:
+            self._restore(checkpoint, manifest)
         for adapter_cfg in config.adapters:
-            self.add_job(adapter_cfg)
+            if adapter_cfg.name not in self.jobs:
+                if manifest is not None:
+                    self.log(f"adapter {adapter_cfg.name!r} is new in the config: it starts "
+                             "from step 0")
+                self.add_job(adapter_cfg)
 
     # -- events -------------------------------------------------------------------------
 
     def emit(self, type_: str, **fields) -> dict:
         event = {"type": type_, "time": time.time(), **fields}
         if self._metrics is not None:
-            self._metrics.write(json.dumps(event, default=str) + "\n")
-            self._metrics.flush()
+            self._write_metrics(event)
         if self.on_event is not None:
             self.on_event(event)
         return event
+
+    def _write_metrics(self, event: dict) -> None:
+        try:
+            if not self._metrics_path.exists():
+                # The output folder was deleted or moved: start the log again where it was.
+                self._metrics.close()
+                self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                self._metrics = open(self._metrics_path, "a", encoding="utf-8")
+                self._metrics.write(json.dumps(
+                    {"type": "log", "time": time.time(), "level": "warning",
+                     "message": f"{self._metrics_path} disappeared; this log goes on from "
+                                "here (the events before are lost)"}) + "\n")
+            self._metrics.write(json.dumps(event, default=str) + "\n")
+            self._metrics.flush()
+        except OSError as exc:
+            self._metrics = None
+            if self.on_event is not None:
+                self.on_event({"type": "log", "time": time.time(), "level": "error",
+                               "message": f"cannot write {self._metrics_path} ({exc}); "
+                                          "training goes on without the metrics log"})
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
@@ -277,8 +419,13 @@ class Engine:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def add_job(self, cfg: AdapterConfig) -> Job:
-        """Build a job's data and adapter; it starts queued."""
+    def add_job(self, cfg: AdapterConfig, from_config: bool = True,
+                restoring: bool = False) -> Job:
+        """Build a job's data and adapter; it starts queued.
+
+        ``from_config`` False marks a job added to a running engine; ``restoring`` skips
+        ``init_from`` (a checkpoint's weights replace the initial ones).
+        """
         if cfg.name in self.jobs:
             raise ConfigError(f"an adapter named {cfg.name!r} already exists in this engine",
                               table=f'adapter "{cfg.name}"', field="name")
@@ -295,11 +442,11 @@ class Engine:
                        alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_seed=seed,
                        device=self.device)
-        if cfg.init_from:
+        if cfg.init_from and not restoring:
             _config, state, _meta = read_adapter_folder(cfg.init_from)
             load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
         params = self._param_groups(cfg.name)
-        job = Job(cfg, data, params, seed, sorted(targets))
+        job = Job(cfg, data, params, seed, sorted(targets), from_config=from_config)
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
                   train_examples=len(data.train), val_examples=len(data.val),
@@ -323,6 +470,9 @@ class Engine:
     def _schedule(self) -> list[Job]:
         """Running jobs for the next step; queued jobs start while slots are free."""
         limit = self.config.train.train_lora_simultaneously_num
+        for job in list(self.jobs.values()):
+            if job.state in (QUEUED, RUNNING) and job.step >= job.total_steps:
+                self._finish(job)          # trained, but its adapter is not saved yet
         running = [j for j in self.jobs.values() if j.state == RUNNING]
         for job in self.jobs.values():
             if len(running) >= limit:
@@ -332,8 +482,6 @@ class Engine:
                 job.started()
                 running.append(job)
         return running[:limit]
-
-    # -- the step -----------------------------------------------------------------------
 
     # -- control: called between steps, by the thread that runs the engine ------------------
 
@@ -365,15 +513,24 @@ class Engine:
         job.optimizer.zero_grad(set_to_none=True)
         self._set_state(job, CANCELLED, reason)
 
+    def _fail(self, job: Job, reason: str) -> None:
+        """End one job with its reason; the others go on (its adapter stays in the model)."""
+        job.optimizer.zero_grad(set_to_none=True)
+        self._set_state(job, FAILED, reason)
+
     def status(self) -> dict:
         """The model and every job, as the protocol's ``status`` reply carries them."""
         return {"model": dict(self.model_info), "output_dir": str(self.output_dir),
                 "jobs": [job.summary() for job in self.jobs.values()]}
 
     def save_now(self, name: str | None = None) -> list[Path]:
-        """Checkpoint one job, or every unfinished job that has stepped."""
+        """Checkpoint every job now; returns the folders of ``name`` (or of every unfinished
+        job) inside it."""
         jobs = [self.job(name)] if name else [j for j in self.jobs.values() if not j.finished]
-        return [self.save_checkpoint(j) for j in jobs if j.step > 0 and not j.finished]
+        path = self.save_checkpoint()
+        if path is None:
+            raise UserError("the checkpoint could not be written (see the engine's log)")
+        return [path / j.name for j in jobs if j.state != CANCELLED]
 
     def run(self, max_steps: int | None = None,
             poll: Callable[[bool], None] | None = None) -> dict[str, Job]:
@@ -382,7 +539,7 @@ class Engine:
         ``poll(wait)`` runs before every step to apply outside commands (pause, add, ...);
         with ``wait`` True nothing can train and it should block briefly for a command.
         Without ``poll`` the run ends when no job can train; with it, paused jobs keep the
-        engine waiting. Jobs left unfinished by a stop or by ``max_steps`` get a checkpoint.
+        engine waiting. A run that ends with jobs unfinished writes a checkpoint.
         """
         steps = 0
         try:
@@ -400,11 +557,11 @@ class Engine:
                 self.step(jobs)
                 steps += 1
             unfinished = [j for j in self.jobs.values()
-                          if j.state in (RUNNING, PAUSED, QUEUED) and j.step > 0]
-            for job in unfinished:
-                self.save_checkpoint(job)
+                          if j.state in (RUNNING, PAUSED, QUEUED) and j.micro_batches_drawn]
+            if unfinished:
+                self.save_checkpoint()
             if self._stop_requested:
-                self.log("stopped on request; checkpoints saved" if unfinished
+                self.log("stopped on request; checkpoint saved" if unfinished
                          else "stopped on request")
         finally:
             self.emit("run_end", jobs={j.name: {"state": j.state, "step": j.step,
@@ -415,50 +572,142 @@ class Engine:
                 self._metrics = None
         return self.jobs
 
-    def step(self, jobs: list[Job]) -> None:
-        """One batched forward/backward over a micro-batch of each job in ``jobs``."""
-        clock = _StepClock(self.device)
-        micro = [(job, job.next_micro_batch()) for job in jobs]
-        input_ids, labels, attention = self._collate(
-            [job.data.train[i] for job, indices in micro for i in indices])
-        segments, start = [], 0
-        for job, indices in micro:
-            own_width = max(len(job.data.train[i].input_ids) for i in indices)
-            segments.append(Segment(job.name, start, start + len(indices), own_width,
-                                    job.dropout_seed()))
-            start += len(indices)
-        self.layout.set_segments(segments)
+    # -- the step -----------------------------------------------------------------------
 
-        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+    def step(self, jobs: list[Job]) -> None:
+        """One batched step: a micro-batch of each job in ``jobs``, forward and backward
+        (in one pass, or a few where that cuts padding or the token budget asks), then
+        each job whose accumulation is complete steps its optimizer.
+
+        Faults stay in their job: a job whose examples cannot be read fails; a non-finite
+        loss or gradient pauses its job with the step not applied; a pass that runs out of
+        memory is retried one job at a time, and a job that does not fit alone pauses.
+        """
+        clock = _StepClock(self.device)
+        micro = []
+        for job in jobs:
+            try:
+                indices = job.next_micro_batch()
+                micro.append((job, indices, [job.data.train[i] for i in indices]))
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it is this job's alone
+                self._fail(job, f"cannot read its next examples: {exc}")
         clock.lap("data")
+        groups = self._plan(micro)
+        losses: dict[str, float] = {}
+        totals = {"rows": 0, "tokens": 0, "cells": 0, "passes": 0}
+        while groups:
+            group = groups.pop(0)
+            try:
+                losses.update(self._forward_backward(group, clock, totals))
+            except torch.OutOfMemoryError:
+                self._free_memory()
+                if len(group) > 1:
+                    self._split_passes = True
+                    self.log(f"step {self.engine_step + 1}: out of memory with "
+                             f"{len(group)} jobs in one pass; running one pass per job "
+                             "(lower max_tokens_per_step to choose the size)", level="warning")
+                    groups = [[item] for item in group] + groups
+                    continue
+                job, indices, _examples = group[0]
+                job.unread(indices)
+                self._set_state(job, PAUSED, "out of memory: its micro-batch does not fit "
+                                "even alone; lower micro_batch_size or cutoff_len, then "
+                                "resume it")
+        self.engine_step += 1
+
+        stepped, metrics = [], {}
+        for job, _indices, _examples in micro:
+            if job.name not in losses:
+                continue
+            loss = losses[job.name]
+            if not math.isfinite(loss):
+                self._skip(job, f"non-finite loss ({loss}) at step {job.step + 1}")
+                continue
+            if not job.accumulation_complete:
+                continue
+            norm = job.grad_norm()
+            if not math.isfinite(norm):
+                self._skip(job, f"non-finite gradient (norm {norm}) at step {job.step + 1}")
+                continue
+            metrics[job.name] = job.optimizer_step(norm)
+            stepped.append(job)
+        clock.lap("optimizer")
+        cells = max(1, totals["cells"])
+        self.emit("batch", jobs=[job.name for job in jobs], rows=totals["rows"],
+                  tokens=totals["tokens"], padding=round(1 - totals["tokens"] / cells, 4),
+                  passes=totals["passes"],
+                  seconds=clock.laps)
+        save = False
+        for job in stepped:
+            self.emit("step", job=job.name, **metrics[job.name])
+            if job.step >= job.total_steps:
+                self._finish(job)
+            elif job.step % self.config.train.save_step == 0:
+                save = True
+        if save:
+            self.save_checkpoint()
+
+    def _plan(self, micro: list) -> list[list]:
+        if self._split_passes:
+            return [[item] for item in micro]
+        widths = [(len(examples), max(len(e.input_ids) for e in examples))
+                  for _job, _indices, examples in micro]
+        plan = plan_passes(widths, self.config.train.max_tokens_per_step, self.pass_overhead)
+        return [[micro[i] for i in group] for group in plan]
+
+    def _forward_backward(self, group: list, clock: _StepClock, totals: dict) -> dict:
+        """Forward and backward of one pass; each job's micro-batch loss, by job name.
+
+        Gradients are computed first and added to the jobs' accumulated ones only when the
+        whole pass succeeded, so a pass that fails (out of memory) leaves no trace.
+        """
+        examples = [example for _job, _indices, chunk in group for example in chunk]
+        input_ids, labels, attention = self._collate(examples)
+        segments, start = [], 0
+        for job, _indices, chunk in group:
+            own_width = max(len(e.input_ids) for e in chunk)
+            segments.append(Segment(job.name, start, start + len(chunk), own_width,
+                                    job.dropout_seed()))
+            start += len(chunk)
+        self.layout.set_segments(segments)
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),
                               use_cache=False).last_hidden_state
-        total = None
-        for (job, _), seg in zip(micro, segments):
+        job_losses, total = [], None
+        for (job, _indices, _chunk), seg in zip(group, segments):
             loss_sum, _count = self._token_loss_sum(hidden[seg.start:seg.end],
                                                     labels[seg.start:seg.end])
             job_loss = loss_sum / job.loss_normalizer()
+            job_losses.append(job_loss)
             total = job_loss if total is None else total + job_loss
-            tokens = int(attention[seg.start:seg.end].sum())
-            job.record_micro_batch(float(job_loss.detach()), tokens)
         clock.lap("forward")
-        if total is not None and total.requires_grad:
-            total.backward()
+        params = [p for job, _indices, _chunk in group for p in job.parameters]
+        grads = (torch.autograd.grad(total, params, allow_unused=True)
+                 if total is not None and total.requires_grad else [None] * len(params))
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
         clock.lap("backward")
+        losses = {}
+        for (job, _indices, _chunk), seg, job_loss in zip(group, segments, job_losses):
+            value = float(job_loss.detach())
+            if math.isfinite(value):
+                job.record_micro_batch(value, int(attention[seg.start:seg.end].sum()))
+            losses[job.name] = value
+        totals["rows"] += int(attention.shape[0])
+        totals["tokens"] += int(attention.sum())
+        totals["cells"] += attention.numel()
+        totals["passes"] += 1
+        return losses
 
-        stepped = [job for job, _ in micro if job.accumulation_complete]
-        metrics = {job.name: job.optimizer_step() for job in stepped}
-        clock.lap("optimizer")
-        real_tokens = int(attention.sum())
-        self.emit("batch", jobs=[job.name for job in jobs], rows=int(attention.shape[0]),
-                  tokens=real_tokens, padding=round(1 - real_tokens / attention.numel(), 4),
-                  seconds=clock.laps)
-        for job in stepped:
-            self.emit("step", job=job.name, **metrics[job.name])
-            if job.step % self.config.train.save_step == 0 and job.step < job.total_steps:
-                self.save_checkpoint(job)
-            if job.step >= job.total_steps:
-                self._finish(job)
+    def _skip(self, job: Job, what: str) -> None:
+        job.skip_step()
+        self._set_state(job, PAUSED, f"{what}: the step was not applied. Lower lr or check "
+                        "the data, then resume or cancel the job")
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id)
@@ -466,16 +715,15 @@ class Engine:
     def _token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
         """Summed cross-entropy over the target tokens of these rows, and their count.
 
-        Only target positions go through the LM head, so full-vocabulary logits exist for
-        the job's target tokens alone, never for prompts, padding or other jobs' rows.
+        Only target positions go through the LM head, a chunk of tokens at a time, so
+        full-vocabulary logits never exist for prompts, padding or other jobs' rows, nor for
+        more than a chunk of tokens at once (engine/loss.py).
         """
         shifted = labels[:, 1:]
         mask = shifted != IGNORE_INDEX
         selected = hidden[:, :-1][mask]
-        logits = self.lm_head(selected).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, shifted[mask], reduction="sum"), int(mask.sum())
+        return (chunked_head_loss(selected, self.lm_head, shifted[mask], self.softcap),
+                int(mask.sum()))
 
     @torch.no_grad()
     def evaluate(self, job: Job) -> float | None:
@@ -511,20 +759,120 @@ class Engine:
                 "prompt": cfg.prompt}
         return adapter_files(self.model, job.name, config, meta)
 
-    def save_checkpoint(self, job: Job) -> Path:
-        """Adapter, optimizer and scheduler state under checkpoints/step-N, atomically."""
-        files = self._adapter_files(job)
-        for name, obj in (("optimizer.pt", job.optimizer.state_dict()),
-                          ("scheduler.pt", job.scheduler.state_dict())):
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            files[name] = buffer.getvalue()
-        files["trainer_state.json"] = json.dumps(
-            {"step": job.step, "epoch": job.epoch, "history": job.history}).encode()
-        path = self.adapter_dir(job) / "checkpoints" / f"step-{job.step}"
-        write_folder_atomically(path, files)
-        self.emit("checkpoint", job=job.name, step=job.step, path=str(path))
+    def save_checkpoint(self) -> Path | None:
+        """Every job's whole state at this step as checkpoints/step-K, written atomically.
+
+        Returns the folder, or None when it could not be written (a full or read-only disk,
+        say): that is logged as an error, the previous checkpoint stays whole, and training
+        goes on. The oldest checkpoints beyond ``save_total_limit`` are removed.
+        """
+        path = ckpt.checkpoints_dir(self.output_dir) / f"step-{self.engine_step}"
+        files: dict = {}
+        jobs = []
+        for job in self.jobs.values():
+            jobs.append({"name": job.name, "adapter": asdict(job.cfg),
+                         "from_config": job.from_config, "data_sha256": job.data_fingerprint,
+                         "position": job.position()})
+            if job.state == CANCELLED:
+                continue           # its adapter left the model
+            for name, content in self._adapter_files(job).items():
+                files[f"{job.name}/{name}"] = content
+            files[f"{job.name}/optimizer.pt"] = _torch_bytes(job.optimizer.state_dict())
+            files[f"{job.name}/scheduler.pt"] = _torch_bytes(job.scheduler.state_dict())
+            files[f"{job.name}/grads.safetensors"] = {
+                str(i): p.grad.detach().cpu().contiguous()
+                for i, p in enumerate(job.parameters) if p.grad is not None}
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        files["rng.pt"] = _torch_bytes(rng)
+        manifest = {"format": ckpt.FORMAT, "engine_step": self.engine_step,
+                    "model": asdict(self.config.model),
+                    "train": {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS},
+                    "jobs": jobs}
+        files[ckpt.ENGINE_FILE] = (json.dumps(manifest, indent=1) + "\n").encode()
+        try:
+            write_folder_atomically(path, files)
+        except OSError as exc:
+            self.log(f"checkpoint of step {self.engine_step} failed: {path}: "
+                     f"{exc.strerror or exc}. The previous checkpoint is whole; training "
+                     "goes on", level="error")
+            return None
+        for job in self.jobs.values():
+            if job.state in (RUNNING, PAUSED, QUEUED) and job.micro_batches_drawn:
+                self.emit("checkpoint", job=job.name, step=job.step,
+                          engine_step=self.engine_step, path=str(path / job.name))
+        ckpt.prune(self.output_dir, self.config.train.save_total_limit)
         return path
+
+    def _check_resumable(self, path: Path, manifest: dict) -> None:
+        """Refuse a resume whose config changed what the checkpoint's jobs compute."""
+        problems = []
+        changes = ckpt.config_changes(manifest["model"], asdict(self.config.model))
+        if changes:
+            problems.append("[model] " + "; ".join(changes))
+        train_now = {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS}
+        changes = ckpt.config_changes(manifest["train"], train_now)
+        if changes:
+            problems.append("[train] " + "; ".join(changes))
+        saved_jobs = {saved["name"]: saved for saved in manifest["jobs"]}
+        for cfg in self.config.adapters:
+            if cfg.name in saved_jobs:
+                changes = ckpt.config_changes(saved_jobs[cfg.name]["adapter"], asdict(cfg),
+                                              ckpt.RESUME_FREE_FIELDS)
+                if changes:
+                    problems.append(f'[[adapter]] "{cfg.name}": ' + "; ".join(changes))
+        names = {cfg.name for cfg in self.config.adapters}
+        for name, saved in saved_jobs.items():
+            if saved["from_config"] and name not in names:
+                problems.append(f'[[adapter]] "{name}" is in the checkpoint but no longer in '
+                                "the config")
+        if problems:
+            raise UserError(f"cannot resume from {path}: the config changed since it was "
+                            "written (settings: checkpoint -> now):\n  "
+                            + "\n  ".join(problems)
+                            + "\nPut those settings back to resume, or start a new run in "
+                              "another output_dir.")
+
+    def _restore(self, path: Path, manifest: dict) -> None:
+        """Every job of the checkpoint, exactly where it was."""
+        configs = {cfg.name: cfg for cfg in self.config.adapters}
+        for saved in manifest["jobs"]:
+            cfg = configs.get(saved["name"]) or AdapterConfig(**saved["adapter"])
+            job = self.add_job(cfg, from_config=saved["from_config"], restoring=True)
+            if job.data_fingerprint != saved["data_sha256"]:
+                raise UserError(f"cannot resume from {path}: the training data of adapter "
+                                f"{job.name!r} ({cfg.data}) changed since that checkpoint")
+            position = saved["position"]
+            if position["state"] == CANCELLED:
+                detach_adapter(self.model, job.name)
+            else:
+                self._load_job(job, path / job.name)
+            job.restore_position(position)
+            self._set_state(job, job.state, job.reason)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.engine_step = manifest["engine_step"]
+        self.emit("resumed", path=str(path), engine_step=self.engine_step,
+                  jobs={job.name: job.step for job in self.jobs.values()})
+
+    def _load_job(self, job: Job, folder: Path) -> None:
+        _config, state, _meta = read_adapter_folder(folder)
+        load_adapter_state(self.model, job.name, state, source=str(folder))
+        try:
+            job.optimizer.load_state_dict(torch.load(folder / "optimizer.pt",
+                                                     map_location=self.device,
+                                                     weights_only=True))
+            job.scheduler.load_state_dict(torch.load(folder / "scheduler.pt",
+                                                     weights_only=True))
+            grads = load_file(str(folder / "grads.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
+            raise UserError(f"{folder}: cannot read this job's checkpoint ({exc})") from None
+        for i, param in enumerate(job.parameters):
+            grad = grads.get(str(i))
+            param.grad = grad.to(param.device) if grad is not None else None
 
     def _finish(self, job: Job) -> None:
         eval_loss = self.evaluate(job)
@@ -532,6 +880,12 @@ class Engine:
             job.eval_loss = eval_loss
             self.emit("eval", job=job.name, step=job.step, eval_loss=eval_loss)
         path = self.adapter_dir(job)
-        write_files_atomically(path, self._adapter_files(job))
+        try:
+            write_files_atomically(path, self._adapter_files(job))
+        except OSError as exc:
+            self._set_state(job, PAUSED, f"trained, but its adapter could not be saved to "
+                            f"{path} ({exc.strerror or exc}); free the space or fix the "
+                            "folder, then resume the job to save it")
+            return
         self.emit("adapter_saved", job=job.name, step=job.step, path=str(path))
         self._set_state(job, DONE)
