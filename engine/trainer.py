@@ -17,6 +17,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,11 @@ from engine.adapters import (adapter_files, adapter_modules, attach_adapter, det
 from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
+from engine.jsonlog import open_log
 from engine.lora import BatchLayout, Segment, mix_seed
+from engine.mixlora import (attach_mixlora, extend_param_groups, mixlora_peft_fields,
+                            mixlora_targets, prepare_router_batch, router_losses,
+                            take_router_stats)
 from engine.loss import chunked_head_loss
 from engine.models import (default_targets, enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
@@ -173,7 +178,9 @@ class Job:
         """
         self.optimizer.zero_grad(set_to_none=True)
         self._pending = []
-        self.scheduler.step()
+        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": meant
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self._advance()
         self._step_started = time.monotonic()
 
@@ -346,12 +353,12 @@ class Engine:
         self.output_dir = Path(config.train.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._metrics_path = self.output_dir / "metrics.jsonl"
-        self._metrics = (open(self._metrics_path, "a", encoding="utf-8")
-                         if write_metrics else None)
+        self._metrics = open_log(self._metrics_path) if write_metrics else None
         self._stop_requested = False
         self.engine_step = 0           # batched steps taken; a resumed engine counts on
         self._split_passes = False     # after running out of memory: one pass per job
         self.pass_overhead = PASS_OVERHEAD_TOKENS   # see plan_passes
+        self._checkpointed_step: int | None = None  # the step of the newest checkpoint
         checkpoint = ckpt.latest_checkpoint(self.output_dir) if resume else None
         manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
         if manifest is not None:
@@ -395,7 +402,7 @@ class Engine:
                 # The output folder was deleted or moved: start the log again where it was.
                 self._metrics.close()
                 self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                self._metrics = open(self._metrics_path, "a", encoding="utf-8")
+                self._metrics = open_log(self._metrics_path)
                 self._metrics.write(json.dumps(
                     {"type": "log", "time": time.time(), "level": "warning",
                      "message": f"{self._metrics_path} disappeared; this log goes on from "
@@ -437,7 +444,11 @@ class Engine:
         for warning in data.warnings():
             self.log(warning, level="warning")
         targets = cfg.target_modules or default_targets(self.model)
+        targets = mixlora_targets(self.model, cfg, targets)  # MixLoRA: + feed-forward defaults
         linears = list(find_target_linears(self.model, targets))
+        # MixLoRA hook: experts and routers take the feed-forward linears; the rest get LoRA.
+        linears = attach_mixlora(self.model, self.layout, cfg, linears, init_seed=seed,
+                                 device=self.device)
         attach_adapter(self.model, self.layout, cfg.name, linears, r=cfg.r,
                        alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_seed=seed,
@@ -446,6 +457,7 @@ class Engine:
             _config, state, _meta = read_adapter_folder(cfg.init_from)
             load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
         params = self._param_groups(cfg.name)
+        extend_param_groups(self.model, cfg.name, params)  # MixLoRA: routers and experts
         job = Job(cfg, data, params, seed, sorted(targets), from_config=from_config)
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
@@ -558,7 +570,7 @@ class Engine:
                 steps += 1
             unfinished = [j for j in self.jobs.values()
                           if j.state in (RUNNING, PAUSED, QUEUED) and j.micro_batches_drawn]
-            if unfinished:
+            if unfinished and self._checkpointed_step != self.engine_step:
                 self.save_checkpoint()
             if self._stop_requested:
                 self.log("stopped on request; checkpoint saved" if unfinished
@@ -640,6 +652,9 @@ class Engine:
         save = False
         for job in stepped:
             self.emit("step", job=job.name, **metrics[job.name])
+            router_stats = take_router_stats(self.model, job.name)  # MixLoRA: tokens per expert
+            if router_stats is not None:
+                self.emit("router", job=job.name, step=job.step, **router_stats)
             if job.step >= job.total_steps:
                 self._finish(job)
             elif job.step % self.config.train.save_step == 0:
@@ -670,9 +685,12 @@ class Engine:
                                     job.dropout_seed()))
             start += len(chunk)
         self.layout.set_segments(segments)
+        # MixLoRA hook: token masks on its segments; record router losses in this forward.
+        prepare_router_batch(self.model, segments, attention, self.device)
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),
                               use_cache=False).last_hidden_state
+        router = router_losses(self.model)  # MixLoRA: {job: router loss of this micro-batch}
         job_losses, total = [], None
         for (job, _indices, _chunk), seg in zip(group, segments):
             loss_sum, _count = self._token_loss_sum(hidden[seg.start:seg.end],
@@ -680,6 +698,10 @@ class Engine:
             job_loss = loss_sum / job.loss_normalizer()
             job_losses.append(job_loss)
             total = job_loss if total is None else total + job_loss
+            if job.name in router:
+                # MixLoRA: the router loss weighs like each target token's loss, so it is
+                # normalised as the LM loss is (docs/mixlora.md); the reported loss is LM only.
+                total = total + router[job.name] * _count / job.loss_normalizer()
         clock.lap("forward")
         params = [p for job, _indices, _chunk in group for p in job.parameters]
         grads = (torch.autograd.grad(total, params, allow_unused=True)
@@ -753,6 +775,7 @@ class Engine:
         config = peft_config(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=job.targets, use_rslora=cfg.use_rslora,
                              use_dora=cfg.use_dora, base_model=self.model_info["base_model"])
+        config.update(mixlora_peft_fields(cfg))  # MixLoRA: peft_type MIXLORA and its fields
         meta = {"adapter": asdict(cfg), "step": job.step, "total_steps": job.total_steps,
                 "base_model": self.config.model.base_model, "dtype": self.config.model.dtype,
                 "quantize": self.config.model.quantize,
@@ -798,6 +821,7 @@ class Engine:
                      f"{exc.strerror or exc}. The previous checkpoint is whole; training "
                      "goes on", level="error")
             return None
+        self._checkpointed_step = self.engine_step
         for job in self.jobs.values():
             if job.state in (RUNNING, PAUSED, QUEUED) and job.micro_batches_drawn:
                 self.emit("checkpoint", job=job.name, step=job.step,

@@ -365,3 +365,21 @@ def test_bf16_base_trains_like_fp32_within_bf16_tolerance(tiny_llama, data_files
         assert diff < 0.05, f"{key}: {diff:.3g}"
     # ...and bf16 is not secretly fp32: the runs differ.
     assert any(not torch.equal(results["bf16"][k], v) for k, v in results["fp32"].items())
+
+
+def test_steps_split_into_passes_equal_one_pass(tiny_llama, data_files, tmp_path):
+    """A token budget (or length-aware grouping) runs a step as several forward passes;
+    every adapter ends as with one pass per step."""
+    adapters = _three_adapters(data_files)
+    one = Engine(_run_config(tiny_llama, tmp_path / "one", adapters))
+    one.pass_overhead = 10**9
+    one.run()
+    config = _run_config(tiny_llama, tmp_path / "split", adapters)
+    config.train = replace(config.train, max_tokens_per_step=200)
+    events = []
+    split = Engine(config, on_event=events.append)
+    split.run()
+    passes = [e["passes"] for e in events if e["type"] == "batch"]
+    assert max(passes) >= 3
+    for cfg in adapters:
+        _assert_same(_weights(split, cfg.name), _weights(one, cfg.name), rtol=1e-5)
