@@ -644,11 +644,6 @@ class Engine:
             metrics[job.name] = job.optimizer_step(norm)
             stepped.append(job)
         clock.lap("optimizer")
-        cells = max(1, totals["cells"])
-        self.emit("batch", jobs=[job.name for job in jobs], rows=totals["rows"],
-                  tokens=totals["tokens"], padding=round(1 - totals["tokens"] / cells, 4),
-                  passes=totals["passes"],
-                  seconds=clock.laps)
         save = False
         for job in stepped:
             self.emit("step", job=job.name, **metrics[job.name])
@@ -659,8 +654,14 @@ class Engine:
                 self._finish(job)
             elif job.step % self.config.train.save_step == 0:
                 save = True
+        clock.lap("events")        # step events, and evaluating and saving finished jobs
         if save:
             self.save_checkpoint()
+            clock.lap("checkpoint")
+        cells = max(1, totals["cells"])
+        self.emit("batch", jobs=[job.name for job in jobs], rows=totals["rows"],
+                  tokens=totals["tokens"], padding=round(1 - totals["tokens"] / cells, 4),
+                  passes=totals["passes"], seconds=clock.laps)
 
     def _plan(self, micro: list) -> list[list]:
         if self._split_passes:
