@@ -52,6 +52,9 @@ class TrainConfig:
     # Rows x padded length of one forward pass at most; a step whose micro-batches hold
     # more runs as several passes (0: no limit).
     max_tokens_per_step: int = 0
+    # Admission control: a queued job starts only if the estimated peak memory of a step
+    # with it and the running jobs fits in this many GiB (0: the GPU's memory; on CPU, none).
+    memory_limit_gb: float = 0
     gradient_checkpointing: bool = False
 
 
@@ -84,6 +87,23 @@ class AdapterConfig:
     max_grad_norm: Optional[float] = None
     init_from: str = ""               # a PEFT adapter folder to continue training from
     seed: Optional[int] = None        # None: [train] seed
+    # MixLoRA (engine/mixlora.py, docs/mixlora.md): a mixture of LoRA experts on the
+    # feed-forward blocks. routing_strategy None: a plain LoRA adapter, and every field below
+    # must be left out. Set, the fields left out take the strategy's defaults (MIXLORA_DEFAULTS).
+    routing_strategy: Optional[str] = None   # mixlora (top-k) | mixlora-switch | mixlora-dynamic
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None              # mixlora only
+    top_p: Optional[float] = None            # mixlora-dynamic only
+    temperature: Optional[float] = None      # router softmax temperature; 0: none
+    router_aux_loss_coef: Optional[float] = None
+    router_z_loss_coef: Optional[float] = None
+    router_init_range: Optional[float] = None
+    jitter_noise: Optional[float] = None
+    expert_capacity: Optional[int] = None    # mixlora-switch only
+    ffn_dropout: Optional[float] = None
+    sparse_step: Optional[int] = None
+    act_fn: Optional[str] = None             # None: the feed-forward's own activation
+    expert_lora: Optional[dict] = None       # r/lora_alpha/lora_dropout/use_rslora/use_dora of experts
 
 
 @dataclass
@@ -113,6 +133,55 @@ MAX_RANK = 1024
 MIN_CUTOFF_LEN = 8
 MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts more, but seeds should work everywhere
 
+# MixLoRA (m-LoRA's / MoE-PEFT's names and defaults, except where docs/mixlora.md says).
+ROUTING_STRATEGIES = ("mixlora", "mixlora-switch", "mixlora-dynamic")
+MIXLORA_FIELDS = ("routing_strategy", "num_experts", "top_k", "top_p", "temperature",
+                  "router_aux_loss_coef", "router_z_loss_coef", "router_init_range",
+                  "jitter_noise", "expert_capacity", "ffn_dropout", "sparse_step", "act_fn",
+                  "expert_lora")
+EXPERT_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")
+# Activations transformers' ACT2FN knows (checked again against it when the model loads).
+ACT_FNS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
+           "gelu_accurate", "gelu_python", "quick_gelu", "relu", "relu2", "relu6",
+           "leaky_relu", "mish", "tanh", "sigmoid", "hardswish", "linear")
+MAX_EXPERTS = 256
+MIXLORA_DEFAULTS = {
+    "num_experts": 8, "temperature": 0.0, "router_aux_loss_coef": 0.001,
+    "router_init_range": 0.02, "ffn_dropout": 0.0, "sparse_step": 1,
+}
+_STRATEGY_DEFAULTS = {
+    "mixlora": {"top_k": 2, "router_z_loss_coef": 0.0, "jitter_noise": 0.0},
+    "mixlora-dynamic": {"top_p": 0.8, "router_z_loss_coef": 0.0, "jitter_noise": 0.0},
+    "mixlora-switch": {"expert_capacity": 32, "router_z_loss_coef": 0.001,
+                       "jitter_noise": 0.01},
+}
+# Fields that only one routing strategy reads.
+MIXLORA_STRATEGY_ONLY = {"top_k": "mixlora", "top_p": "mixlora-dynamic",
+                  "expert_capacity": "mixlora-switch"}
+
+
+def resolve_mixlora(values: dict) -> dict:
+    """The MixLoRA fields of an adapter with its strategy's defaults filled in.
+
+    ``values``: an AdapterConfig's fields (``dataclasses.asdict``) or a saved MixLoRA
+    adapter_config.json. ``expert_lora`` comes back complete: each of EXPERT_LORA_FIELDS,
+    the adapter's own value where the table does not override it.
+    """
+    strategy = values.get("routing_strategy")
+    if strategy not in _STRATEGY_DEFAULTS:
+        raise ValueError(f"not a MixLoRA routing_strategy: {strategy!r}")
+    out = {name: values.get(name) for name in MIXLORA_FIELDS if name != "expert_lora"}
+    for name, default in {**MIXLORA_DEFAULTS, **_STRATEGY_DEFAULTS[strategy]}.items():
+        if out.get(name) is None:
+            out[name] = default
+    defaults = {f.name: f.default for f in fields(AdapterConfig)}
+    expert = dict(values.get("expert_lora") or {})
+    for name in EXPERT_LORA_FIELDS:
+        if expert.get(name) is None:
+            expert[name] = values.get(name, defaults[name])
+    out["expert_lora"] = expert
+    return out
+
 _TOP_LEVEL_KEYS = ("model", "train", "adapter")
 # Names people bring from other tools (m-LoRA, PEFT, HF Trainer), for "did you mean".
 _ALIASES = {
@@ -123,6 +192,8 @@ _ALIASES = {
     "model_name_or_path": "base_model", "torch_dtype": "dtype",
     "attn_implementation": "attn_impl", "max_seq_len": "cutoff_len",
     "gradient_clipping": "max_grad_norm", "max_norm": "max_grad_norm",
+    # m-LoRA's older MixLoRA routing_strategy names.
+    "mixtral": "mixlora", "switch": "mixlora-switch", "dynamic": "mixlora-dynamic",
 }
 
 
@@ -331,6 +402,7 @@ def _parse_adapter(raw: Any, position: int, source: str, train: TrainConfig,
     adapter = AdapterConfig(**kwargs)
     _apply_rules(adapter, _ADAPTER_RULES, where, raw)
     _check_adapter_combinations(adapter, where)
+    _check_mixlora(adapter, where)
     adapter.data = _check_data(adapter.data, base_dir, where)
     adapter.prompt = _check_prompt(adapter.prompt, base_dir, where)
     adapter.init_from = _check_init_from(adapter.init_from, base_dir, where)
@@ -365,6 +437,30 @@ def _check_adapter_combinations(a: AdapterConfig, where: _Where) -> None:
         raise where.error("warmup_steps", "set either warmup_steps or warmup_ratio, not both")
 
 
+def _check_mixlora(a: AdapterConfig, where: _Where) -> None:
+    """MixLoRA fields: only with routing_strategy, each with its strategy; defaults filled."""
+    given = [name for name in MIXLORA_FIELDS[1:] if getattr(a, name) is not None]
+    if a.routing_strategy is None:
+        if given:
+            raise where.error(given[0], "a MixLoRA field, used only with routing_strategy "
+                                        "(one of " + ", ".join(f'"{s}"' for s in ROUTING_STRATEGIES)
+                                        + "); set routing_strategy or remove it")
+        return
+    for name, strategy in MIXLORA_STRATEGY_ONLY.items():
+        if getattr(a, name) is not None and a.routing_strategy != strategy:
+            raise where.error(name, f'only used with routing_strategy = "{strategy}" (this '
+                                    f'adapter uses "{a.routing_strategy}"); remove it')
+    experts = a.num_experts if a.num_experts is not None else MIXLORA_DEFAULTS["num_experts"]
+    if a.top_k is not None and a.top_k > experts:
+        raise where.error("top_k", f"expected an integer <= num_experts ({experts}), "
+                                   f"got {a.top_k}: each token picks top_k different experts")
+    # Fill in the strategy's defaults, so the config says what trains (expert_lora keeps
+    # only what it overrides; the engine completes it from the adapter's own LoRA fields).
+    for name, value in resolve_mixlora(vars(a)).items():
+        if name != "expert_lora":
+            setattr(a, name, value)
+
+
 # --- field types --------------------------------------------------------------------------
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -392,6 +488,8 @@ def _convert(value: Any, hint: Any, where: _Where, key: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if key == "target_modules":
         return _convert_targets(value, where)
+    if key == "expert_lora":
+        return _convert_expert_lora(value, where)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -412,6 +510,27 @@ def _convert(value: Any, hint: Any, where: _Where, key: str) -> Any:
             return value
         raise where.error(key, f"expected a string, got {_describe(value)}")
     raise TypeError(f"no conversion for field type {hint!r}")  # a new field type: add it here
+
+
+def _convert_expert_lora(value: Any, where: _Where) -> dict:
+    """MixLoRA's expert_lora table: LoRA fields that the experts use instead of the adapter's."""
+    key = "expert_lora"
+    if not isinstance(value, dict):
+        raise where.error(key, "expected a table such as { r = 4, lora_alpha = 8 }, got "
+                               f"{_describe(value)}")
+    hints = typing.get_type_hints(AdapterConfig)
+    out = {}
+    for name, item in value.items():
+        field_name = f"{key}.{name}"
+        if name not in EXPERT_LORA_FIELDS:
+            raise where.error(field_name, "unknown key; expert_lora sets "
+                                          + ", ".join(EXPERT_LORA_FIELDS)
+                                          + _suggestion(name, EXPERT_LORA_FIELDS))
+        out[name] = _convert(item, hints[name], where, field_name)
+        rule = _ADAPTER_RULES.get(name)
+        if rule is not None and not rule.ok(out[name]):
+            raise where.error(field_name, f"expected {rule.expected}, got {_show(item)}")
+    return out
 
 
 def _convert_targets(value: Any, where: _Where) -> list[str]:
@@ -498,6 +617,7 @@ _TRAIN_RULES = {
     "save_total_limit": _int_at_least(0),
     "train_lora_simultaneously_num": _int_at_least(1),
     "max_tokens_per_step": _int_at_least(0),
+    "memory_limit_gb": _number(0),
 }
 _ADAPTER_RULES = {
     "r": _int_between(1, MAX_RANK),
@@ -519,6 +639,20 @@ _ADAPTER_RULES = {
     "val_set_size": _int_at_least(0),
     "max_grad_norm": _number(0, low_open=True),
     "seed": _int_between(0, MAX_SEED),
+    # MixLoRA
+    "routing_strategy": _one_of(ROUTING_STRATEGIES),
+    "num_experts": _int_between(1, MAX_EXPERTS),
+    "top_k": _int_at_least(1),
+    "top_p": _number(0, 1, low_open=True),
+    "temperature": _number(0),
+    "router_aux_loss_coef": _number(0),
+    "router_z_loss_coef": _number(0),
+    "router_init_range": _number(0),
+    "jitter_noise": _number(0, 1, high_open=True),
+    "expert_capacity": _int_at_least(1),
+    "ffn_dropout": _number(0, 1, high_open=True),
+    "sparse_step": _int_at_least(1),
+    "act_fn": _one_of(ACT_FNS),
 }
 
 

@@ -490,10 +490,60 @@ class Engine:
             if len(running) >= limit:
                 break
             if job.state == QUEUED:
+                waiting = self._memory_wait(running, job)
+                if waiting is not None:
+                    if job.reason != waiting:
+                        self._set_state(job, QUEUED, waiting)
+                    continue
                 self._set_state(job, RUNNING)
                 job.started()
                 running.append(job)
         return running[:limit]
+
+    # -- admission control ------------------------------------------------------------------
+
+    def memory_budget(self) -> int | None:
+        """Bytes a step may take: ``memory_limit_gb``, else 90% of the GPU; None: no limit."""
+        if self.config.train.memory_limit_gb > 0:
+            return int(self.config.train.memory_limit_gb * 2**30)
+        if self.device.type == "cuda":
+            return int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
+        return None
+
+    def estimate_peak_bytes(self, jobs: list[Job]) -> int | None:
+        """The estimated peak memory of a step of ``jobs`` (engine/memory.py); None if the
+        model's shape is beyond the estimator."""
+        from engine.memory import JobLoad, estimate_peak_bytes
+        loads = [JobLoad(rows=j.cfg.micro_batch_size,
+                         seq_len=max((len(e.input_ids) for e in j.data.train), default=1),
+                         r=j.cfg.r, target_modules=j.targets, lora_dropout=j.cfg.lora_dropout,
+                         optimizer="adamw" if j.cfg.optim == "adamw"
+                         else "sgd" if j.cfg.momentum else "sgd0")
+                 for j in jobs]
+        try:
+            return estimate_peak_bytes(
+                self.model.config, loads, dtype=self.config.model.dtype,
+                device=self.device.type,
+                gradient_checkpointing=self.config.train.gradient_checkpointing,
+                attn_impl="eager" if self.model_info.get("attn_impl") == "eager" else "sdpa")
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return None
+
+    def _memory_wait(self, running: list[Job], job: Job) -> str | None:
+        """Why ``job`` must wait for memory, or None when it may start now.
+
+        A job starts when no job runs, whatever the estimate: then only running out of
+        memory for real (which pauses it) can tell.
+        """
+        budget = self.memory_budget()
+        if budget is None or not running:
+            return None
+        need = self.estimate_peak_bytes(running + [job])
+        if need is None or need <= budget:
+            return None
+        return (f"waiting for memory: a step with it and the {len(running)} running job(s) "
+                f"needs about {need / 2**30:.2f} GiB, the limit is {budget / 2**30:.2f} GiB; "
+                "it starts when a running job ends")
 
     # -- control: called between steps, by the thread that runs the engine ------------------
 

@@ -431,3 +431,29 @@ def test_a_deleted_output_folder_mid_run_is_recreated(tiny_llama, data_files, tm
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert "disappeared" in json.loads(lines[0])["message"]
     assert json.loads(lines[-1])["type"] == "run_end"
+
+
+# -- admission control -----------------------------------------------------------------------
+
+def test_a_job_that_would_not_fit_waits_in_the_queue(tiny_llama, data_files, tmp_path):
+    """With a memory limit that holds two of the jobs but not three, the third waits (and
+    says why) until one ends; every job still ends as it would have alone."""
+    adapters = _three_adapters(data_files)
+    probe = Engine(_run_config(tiny_llama, tmp_path / "probe", adapters))
+    jobs = list(probe.jobs.values())
+    two, three = probe.estimate_peak_bytes(jobs[:2]), probe.estimate_peak_bytes(jobs)
+    assert two < three
+    config = _run_config(tiny_llama, tmp_path / "limited", adapters)
+    config.train = replace(config.train, memory_limit_gb=(two + three) / 2 / 2**30)
+    events = []
+    limited = Engine(config, on_event=events.append)
+    limited.run()
+    (waiting,) = {e["reason"] for e in events if e["type"] == "job_state" and e["job"] == "dora"
+                  and e["state"] == "queued" and e["reason"]}
+    assert waiting.startswith("waiting for memory: a step with it and the 2 running job(s)")
+    batches = [set(e["jobs"]) for e in events if e["type"] == "batch"]
+    assert all(len(jobs) <= 2 for jobs in batches) and {"dora"} <= batches[-1]
+    probe.run()
+    for name in probe.jobs:
+        assert limited.jobs[name].state == "done"
+        _assert_close(_weights(limited, name), _weights(probe, name))
