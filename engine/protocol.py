@@ -9,7 +9,9 @@ newline-terminated, at most ``MAX_LINE_BYTES``). Four kinds of message:
     event    engine -> client  {"kind": "event", "seq": 42, "event": {"type": "step", ...}}
 
 The first request on a connection must be ``hello`` with ``PROTOCOL_VERSION``; a wrong
-version gets an error with code ``version_mismatch`` and the connection is closed. Requests
+version gets an error with code ``version_mismatch`` and the connection is closed, and so
+does a connection that sends no hello within the engine's hello timeout (``hello_timeout``)
+or that finds the engine at its client limit (``too_many_clients``). Requests
 are applied by the engine between training steps, in the order they arrive. ``subscribe``
 first replays every event since the engine started (so a late client draws the whole loss
 curves), then streams new ones; ``seq`` numbers events from 1 without gaps.
@@ -29,6 +31,9 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
+# An error's message is cut to this many characters: a message quoting what a client sent
+# (a job name, a request type) must still fit in a line, whatever the client sent.
+MAX_ERROR_CHARS = 4096
 
 # Request types and their parameters: name -> (required params, optional params).
 REQUESTS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
@@ -59,8 +64,10 @@ VERSION_MISMATCH = "version_mismatch"  # hello with another protocol version (co
 NOT_HELLO = "not_hello"                # a request before hello
 USER_ERROR = "user_error"              # the request is valid but cannot be done (no such job, bad TOML)
 INTERNAL = "internal"                  # the engine failed to handle it (a bug; the engine goes on)
+HELLO_TIMEOUT = "hello_timeout"        # no hello soon enough after connecting (connection closed)
+TOO_MANY_CLIENTS = "too_many_clients"  # the engine is at its client limit (connection closed)
 ERROR_CODES = frozenset({BAD_JSON, TOO_LONG, BAD_MESSAGE, UNKNOWN_TYPE, VERSION_MISMATCH,
-                         NOT_HELLO, USER_ERROR, INTERNAL})
+                         NOT_HELLO, USER_ERROR, INTERNAL, HELLO_TIMEOUT, TOO_MANY_CLIENTS})
 
 
 class ProtocolError(Exception):
@@ -91,6 +98,10 @@ def decode(line: bytes) -> dict[str, Any]:
         raise ProtocolError(BAD_JSON, f"not UTF-8: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError(BAD_JSON, f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ProtocolError(BAD_JSON, "not JSON this engine reads: nested too deeply") from None
+    except ValueError as exc:   # e.g. an integer of more than 4300 digits
+        raise ProtocolError(BAD_JSON, f"not JSON this engine reads: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(BAD_MESSAGE, f"a message must be a JSON object, got "
                                          f"{type(message).__name__}")
@@ -134,6 +145,9 @@ def reply(request_id: int, result: dict[str, Any] | None = None) -> dict[str, An
 
 
 def error(code: str, message: str, request_id: int | None = None) -> dict[str, Any]:
+    if len(message) > MAX_ERROR_CHARS:
+        message = (message[:MAX_ERROR_CHARS]
+                   + f"... ({len(message) - MAX_ERROR_CHARS} more characters)")
     return {"kind": "error", "id": request_id, "code": code, "message": message}
 
 

@@ -24,7 +24,13 @@ waits for a client.
 
 Robustness: a malformed line gets an error reply (see ``engine.protocol``); an oversized
 line or a wrong protocol version closes that connection; nothing a client sends reaches
-the engine unless it is a well-formed request. SIGTERM and the ``stop`` request stop
+the engine unless it is a well-formed request. What a client can make the engine hold is
+bounded: its unread input (a line of at most ``MAX_LINE_BYTES`` plus one read), its
+unread replies (the listener takes no further line from a client while ``FILL_BYTES`` of
+output wait for it or ``MAX_PENDING_REQUESTS`` of its requests wait for the main thread:
+the client's own sends then block, not the engine), and connections: at most
+``MAX_CLIENTS``, and one that sends no hello within ``HELLO_TIMEOUT_S`` is closed. Each
+connection the engine closes is logged with the reason. SIGTERM and the ``stop`` request stop
 gracefully (checkpoints, then exit); a second SIGTERM/SIGINT aborts; SIGHUP is ignored,
 so a closed terminal or a lost SSH connection never stops training.
 """
@@ -53,6 +59,7 @@ else:  # pragma: no cover - Python 3.10
 
 from engine import __version__
 from engine import protocol as p
+from engine.jsonlog import open_log
 from engine.config import RunConfig, apply_model_overrides, load_config, parse_adapter_tables
 from engine.errors import ConfigError, UserError
 from engine.runtime import (EngineRecord, bind_socket, claim_name, registry_lock,
@@ -67,16 +74,25 @@ MAX_BACKLOG_BYTES = int(os.environ.get("MLORA_CLIENT_BACKLOG_BYTES", 8 << 20))
 FILL_BYTES = 64 << 10       # a client's buffer is topped up from the history to this size
 RECV_BYTES = 64 << 10
 FLUSH_TIMEOUT_S = 5.0       # at exit, how long clients get to read the last events
+# Limits on what clients can make the engine hold (the environment variables are for tests).
+MAX_CLIENTS = int(os.environ.get("MLORA_MAX_CLIENTS", 64))
+HELLO_TIMEOUT_S = float(os.environ.get("MLORA_HELLO_TIMEOUT_S", 10.0))
+MAX_PENDING_REQUESTS = 16   # a client's requests waiting for the main thread
+# A refused client's input is read and dropped (up to this much, for at most
+# FLUSH_TIMEOUT_S) until it closes: closing with its bytes unread would reset the
+# connection, and a reset can destroy the error message before the client reads it.
+LINGER_BYTES = 1 << 20
 
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_ABORTED = 0, 1, 2, 130
 
 
 def serve(config_path: str | os.PathLike, *, max_steps: int | None = None,
           log_path: str | os.PathLike | None = None,
-          model_overrides: dict[str, Any] | None = None) -> int:
+          model_overrides: dict[str, Any] | None = None, resume: bool = False) -> int:
     """Run the engine process for ``config_path`` until its jobs end or it is stopped.
 
-    ``model_overrides`` replace ``[model]`` fields of the file (m-LoRA's command-line flags).
+    ``model_overrides`` replace ``[model]`` fields of the file (m-LoRA's command-line flags);
+    ``resume`` continues every job from the newest checkpoint in the output folder.
 
     Returns the exit code: 0 the run ended (every job finished, ``max_steps``, or a stop);
     1 a job failed or the engine crashed; 2 a config, data or model error, or another
@@ -111,7 +127,8 @@ def serve(config_path: str | os.PathLike, *, max_steps: int | None = None,
         return EXIT_USER_ERROR
     try:
         _detach_from_terminal(record)
-        server = EngineServer(run_config, record, listener, max_steps=max_steps)
+        server = EngineServer(run_config, record, listener, max_steps=max_steps,
+                              resume=resume)
     except BaseException:
         remove_record(record.pid)
         listener.close()
@@ -161,7 +178,7 @@ class EventLog:
         self.lock = threading.Lock()
         self.lines: list[bytes] = []       # lines[seq - 1] is the encoded event seq
         self.offsets: list[int] = [0]      # offsets[i]: bytes in lines[:i] (for backlogs)
-        self._metrics = open(metrics_path, "a", encoding="utf-8")
+        self._metrics = open_log(metrics_path)
 
     def append(self, payload: dict[str, Any]) -> int:
         with self.lock:
@@ -205,6 +222,10 @@ class _Client:
         self.closing = False     # close once outbuf is written (and stop reading)
         self.closing_since: float | None = None
         self.events_mask = 0
+        self.connected_at = time.monotonic()
+        self.pending = 0         # its requests queued for the main thread, not yet answered
+        self.shut = False        # refused: its last message written, our side shut down
+        self.discarded = 0       # bytes read and thrown away since then
 
 
 class Listener(threading.Thread):
@@ -234,7 +255,14 @@ class Listener(threading.Thread):
             pass    # already awake (the pipe is full) or closing
 
     def send_from_main(self, client_id: int, message: dict) -> None:
-        self.outgoing.put((client_id, p.encode(message)))
+        try:
+            line = p.encode(message)
+        except p.ProtocolError as e:
+            # A reply too large for one line must not take the main thread down with it.
+            log.error("reply to client #%d not sent: %s", client_id, e.message)
+            line = p.encode(p.error(p.INTERNAL, f"the reply was too large to send: "
+                                                f"{e.message}", message.get("id")))
+        self.outgoing.put((client_id, line))
         self.wake()
 
     def finish(self, timeout: float) -> None:
@@ -263,6 +291,8 @@ class Listener(threading.Thread):
                 timeout = max(0.0, next_sample - time.monotonic())
                 if deadline is not None:
                     timeout = min(timeout, 0.1)
+                if any(not c.hello and not c.closing for c in self.clients.values()):
+                    timeout = min(timeout, 0.25)   # to close silent connections in time
                 for key, mask in self.selector.select(timeout):
                     if key.data == "listen":
                         self._accept()
@@ -273,6 +303,7 @@ class Listener(threading.Thread):
                         if client is not None:
                             self._service(client, mask)
                 self._take_replies()
+                self._close_silent_clients()
                 self.server.announce_stop()
                 if time.monotonic() >= next_sample and deadline is None:
                     next_sample = time.monotonic() + RESOURCE_INTERVAL_S
@@ -304,22 +335,43 @@ class Listener(threading.Thread):
                 sock, _ = self.listen_sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as e:    # out of file descriptors, say: try again later
+                log.warning("cannot accept a connection: %s", e)
+                return
             sock.setblocking(False)
             client = _Client(self._next_id, sock)
             self._next_id += 1
+            full = len(self.clients) >= MAX_CLIENTS
             self.clients[client.id] = client
             client.events_mask = selectors.EVENT_READ
             self.selector.register(sock, client.events_mask, client.id)
+            if full:
+                self._refuse(client, p.error(
+                    p.TOO_MANY_CLIENTS, f"the engine already has {MAX_CLIENTS} connections; "
+                                        f"close some (mlora attach, mlora-tui) and retry"))
+
+    def _close_silent_clients(self) -> None:
+        """Close connections that sent no hello within HELLO_TIMEOUT_S."""
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if not client.hello and not client.closing \
+                    and now - client.connected_at > HELLO_TIMEOUT_S:
+                self._refuse(client, p.error(
+                    p.HELLO_TIMEOUT, f"no hello within {HELLO_TIMEOUT_S:g} s of connecting"))
 
     def _drop(self, client: _Client, why: str) -> None:
         if self.clients.pop(client.id, None) is None:
             return
         if client.hello:
             log.info("client %s (#%d) disconnected: %s", client.name, client.id, why)
-        self.selector.unregister(client.sock)
+        if client.events_mask:
+            self.selector.unregister(client.sock)
         client.sock.close()
 
     def _service(self, client: _Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ and client.shut:
+            self._linger(client)
+            return
         if mask & selectors.EVENT_READ and not client.closing:
             try:
                 data = client.sock.recv(RECV_BYTES)
@@ -337,8 +389,27 @@ class Listener(threading.Thread):
         if mask & selectors.EVENT_WRITE:
             self._write(client)
 
+    def _linger(self, client: _Client) -> None:
+        """Read and drop what a refused client still sends, until it closes."""
+        try:
+            data = client.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(client, str(e))
+            return
+        client.discarded += len(data)
+        if not data:
+            self._drop(client, "closed by the client")
+        elif client.discarded > LINGER_BYTES:
+            self._drop(client, "it kept sending after it was refused")
+
+    def _stalled(self, client: _Client) -> bool:
+        """Whether the client must read what it is owed before more of its lines are taken."""
+        return len(client.outbuf) >= FILL_BYTES or client.pending >= MAX_PENDING_REQUESTS
+
     def _take_lines(self, client: _Client) -> None:
-        while not client.closing:
+        while not client.closing and not self._stalled(client):
             end = client.inbuf.find(b"\n")
             if end < 0:
                 if len(client.inbuf) > p.MAX_LINE_BYTES:
@@ -356,8 +427,11 @@ class Listener(threading.Thread):
 
     def _refuse(self, client: _Client, message: dict) -> None:
         """Send a last error and close the connection once it is written."""
+        log.warning("closing the connection of client %s (#%d): %s", client.name, client.id,
+                    message["message"])
         self._queue(client, message)
         client.closing = True
+        client.closing_since = time.monotonic()
         client.inbuf.clear()
 
     def _queue(self, client: _Client, message: dict) -> None:
@@ -395,7 +469,9 @@ class Listener(threading.Thread):
             client.subscribed = True
             client.cursor = 0 if params.get("replay", True) else last
             client.live_from = last
-        elif not self.server.submit(client.id, request_id, type_, params):
+        elif self.server.submit(client.id, request_id, type_, params):
+            client.pending += 1
+        else:
             if type_ == "status":
                 self._queue(client, p.reply(request_id, self.server.status_without_engine()))
             else:
@@ -411,10 +487,13 @@ class Listener(threading.Thread):
             client = self.clients.get(client_id)
             if client is not None:
                 client.outbuf += line
+                client.pending = max(0, client.pending - 1)
 
     def _pump(self, client: _Client, finishing: bool) -> None:
         """Copy owed events into the buffer, drop a client too far behind, and write."""
         events = self.server.events
+        if client.inbuf and not client.closing:
+            self._take_lines(client)    # lines left while it was stalled
         # A connection being refused gets no more events; at exit everyone gets them all.
         wants_events = client.subscribed and (finishing or not client.closing)
         if wants_events:
@@ -439,14 +518,35 @@ class Listener(threading.Thread):
         behind = wants_events and client.cursor < len(events.lines)
         if finishing and not client.outbuf and not behind:
             client.closing = True
+        refused = client.closing_since is not None and not finishing
         if client.closing and not client.outbuf and not behind:
-            self._drop(client, "closed by the engine")
+            if not refused:
+                self._drop(client, "closed by the engine")
+                return
+            if not client.shut:
+                # The last message is out: end our side, wait for the client's end.
+                try:
+                    client.sock.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    self._drop(client, str(e))
+                    return
+                client.shut = True
+        if refused and time.monotonic() - client.closing_since > FLUSH_TIMEOUT_S:
+            self._drop(client, "refused, and it did not close in time")
             return
-        mask = ((0 if client.closing else selectors.EVENT_READ)
+        # A client with a whole line waiting (stalled until it reads) is not read further.
+        reading = client.shut or (not client.closing and b"\n" not in client.inbuf)
+        mask = ((selectors.EVENT_READ if reading else 0)
                 | (selectors.EVENT_WRITE if client.outbuf or behind else 0))
         if mask != client.events_mask:
+            # Mask 0 (stalled until the main thread answers): out of the selector.
+            if not mask:
+                self.selector.unregister(client.sock)
+            elif not client.events_mask:
+                self.selector.register(client.sock, mask, client.id)
+            else:
+                self.selector.modify(client.sock, mask, client.id)
             client.events_mask = mask
-            self.selector.modify(client.sock, mask, client.id)
 
     def _write(self, client: _Client) -> None:
         while client.outbuf:
@@ -528,10 +628,12 @@ class EngineServer:
     """The engine and its listener; ``run`` is the main thread's whole life."""
 
     def __init__(self, run_config: RunConfig, record: EngineRecord,
-                 listen_sock: socket.socket, max_steps: int | None = None):
+                 listen_sock: socket.socket, max_steps: int | None = None,
+                 resume: bool = False):
         self.run_config = run_config
         self.record = record
         self.max_steps = max_steps
+        self.resume = resume
         self.engine = None
         self.state = "loading"            # loading -> running -> stopping
         self.stop_reason: str | None = None
@@ -600,7 +702,8 @@ class EngineServer:
             # torch takes seconds to import: clients can connect and watch meanwhile.
             from engine.trainer import FAILED, Engine
 
-            self.engine = Engine(self.run_config, on_event=self.broadcast, write_metrics=False)
+            self.engine = Engine(self.run_config, on_event=self.broadcast, write_metrics=False,
+                                 resume=self.resume)
             self.state = "running"
             if self.stop_reason:
                 self.engine.request_stop()
@@ -710,7 +813,7 @@ class EngineServer:
         added = []
         for adapter in adapters:
             try:
-                self.engine.add_job(adapter)
+                self.engine.add_job(adapter, from_config=False)
             except UserError as e:
                 done = f" (added before it: {', '.join(added)})" if added else ""
                 raise UserError(f"{e}{done}") from None

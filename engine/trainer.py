@@ -35,6 +35,7 @@ from engine.config import AdapterConfig, RunConfig
 from engine.data import JobData
 from engine.errors import ConfigError, UserError
 from engine.jsonlog import open_log
+from engine.outputs import write_run_record
 from engine.lora import BatchLayout, Segment, mix_seed
 from engine.mixlora import (attach_mixlora, extend_param_groups, mixlora_peft_fields,
                             mixlora_targets, prepare_router_batch, router_losses,
@@ -385,6 +386,12 @@ class Engine:
                     self.log(f"adapter {adapter_cfg.name!r} is new in the config: it starts "
                              "from step 0")
                 self.add_job(adapter_cfg)
+        try:
+            # What this run is, so that another run into the same folder is refused
+            # (engine/outputs.py) and --resume can name what changed.
+            write_run_record(self.output_dir, config)
+        except OSError as exc:
+            self.log(f"cannot write {self.output_dir / 'run.json'} ({exc})", level="warning")
 
     # -- events -------------------------------------------------------------------------
 
@@ -445,20 +452,27 @@ class Engine:
             self.log(warning, level="warning")
         targets = cfg.target_modules or default_targets(self.model)
         targets = mixlora_targets(self.model, cfg, targets)  # MixLoRA: + feed-forward defaults
-        linears = list(find_target_linears(self.model, targets))
-        # MixLoRA hook: experts and routers take the feed-forward linears; the rest get LoRA.
-        linears = attach_mixlora(self.model, self.layout, cfg, linears, init_seed=seed,
-                                 device=self.device)
-        attach_adapter(self.model, self.layout, cfg.name, linears, r=cfg.r,
-                       alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_seed=seed,
-                       device=self.device)
-        if cfg.init_from and not restoring:
-            _config, state, _meta = read_adapter_folder(cfg.init_from)
-            load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
-        params = self._param_groups(cfg.name)
-        extend_param_groups(self.model, cfg.name, params)  # MixLoRA: routers and experts
-        job = Job(cfg, data, params, seed, sorted(targets), from_config=from_config)
+        try:
+            linears = list(find_target_linears(self.model, targets))
+        except UserError as e:
+            raise UserError(f'[adapter "{cfg.name}"] target_modules: {e}') from None
+        try:
+            # MixLoRA hook: experts and routers take the feed-forward linears; the rest LoRA.
+            linears = attach_mixlora(self.model, self.layout, cfg, linears, init_seed=seed,
+                                     device=self.device)
+            attach_adapter(self.model, self.layout, cfg.name, linears, r=cfg.r,
+                           alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_seed=seed,
+                           device=self.device)
+            if cfg.init_from and not restoring:
+                _config, state, _meta = read_adapter_folder(cfg.init_from)
+                load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
+            params = self._param_groups(cfg.name)
+            extend_param_groups(self.model, cfg.name, params)  # MixLoRA: routers, experts
+            job = Job(cfg, data, params, seed, sorted(targets), from_config=from_config)
+        except BaseException:
+            detach_adapter(self.model, cfg.name)    # a job is added whole or not at all
+            raise
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
                   train_examples=len(data.train), val_examples=len(data.val),

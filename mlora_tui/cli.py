@@ -157,6 +157,11 @@ RUN_HELP = "\n\n".join([
     "Training runs in an engine process of its own (its log: OUTPUT_DIR/engine.log), so "
     "closing the terminal or losing SSH never stops it. If an engine already runs for "
     "CONFIG's output_dir, this attaches to it instead of starting another.",
+    "An output_dir that already holds a run (adapter folders, checkpoints, or a "
+    "metrics.jsonl with training steps) is refused before anything starts: "
+    "[bold]--overwrite[/bold] moves that run into OUTPUT_DIR/replaced-TIME/ (nothing is "
+    "deleted) and starts afresh. A folder where a run failed before its first step is "
+    "reused as it is.",
     "Progress goes to stderr: one bar per adapter, with state changes and warnings above the "
     "bars. With [bold]--json[/bold], stdout gets every engine event as one JSON object a line "
     "(the same lines as OUTPUT_DIR/metrics.jsonl) and no bars are drawn.",
@@ -235,6 +240,16 @@ def run(
         show_default=False)] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", "-d", help="Start the engine and return, leaving it training.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue every job from the newest checkpoint in OUTPUT_DIR/"
+                         "checkpoints, exactly where it was (after a crash, a kill or a "
+                         "stop). A config that changed what the jobs compute is refused, "
+                         "naming each change.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="If OUTPUT_DIR already holds a run, move it (run.json, "
+                            "metrics.jsonl, engine.log, adapter folders) into "
+                            "OUTPUT_DIR/replaced-TIME/ and start afresh; nothing is "
+                            "deleted.")] = False,
     base_model: BaseModelOption = None,
     fp16: Fp16Option = False,
     bf16: Bf16Option = False,
@@ -253,9 +268,11 @@ def run(
     except UserError as e:
         _fail(str(e))
     _check_data_files(run_config.adapters)
+    _check_output_dir(run_config, overwrite, resume)
     asked = time.time()
     try:
-        record = ensure_engine(config, max_steps=max_steps, model_overrides=overrides)
+        record = ensure_engine(config, max_steps=max_steps, model_overrides=overrides,
+                               resume=resume)
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -264,9 +281,9 @@ def run(
     if record.started < asked:
         _say(f"An engine already runs for {record.output_dir}: attaching to {record.name} "
              f"(pid {record.pid}, config {record.config}).", style="yellow")
-        if max_steps is not None or overrides:
-            _say("--max-steps and [model] flags apply only to a new engine; ignored.",
-                 style="yellow")
+        if max_steps is not None or overrides or overwrite or resume:
+            _say("--max-steps, --resume, --overwrite and [model] flags apply only to a new "
+                 "engine; ignored.", style="yellow")
     if detach:
         if json_lines:
             sys.stdout.write(json.dumps(record.to_json()) + "\n")
@@ -376,6 +393,31 @@ async def _watch(record: "EngineRecord", sinks: list[Callable[[dict], None]], on
         consumer.result()   # re-raise what broke the stream
         return "stopped" if stop_asked else "ended"
     return "detached"
+
+
+def _check_output_dir(run_config: "RunConfig", overwrite: bool, resume: bool) -> None:
+    """Refuse an output_dir that holds another run (engine.outputs), before any engine
+    starts, unless resuming it; with ``overwrite``, move that run aside. Skipped when an
+    engine already runs for the folder: `run` attaches to it."""
+    import os
+
+    from engine.outputs import check_output_dir, set_aside_run
+    from engine.runtime import find_engine
+
+    output_dir = os.path.abspath(run_config.train.output_dir)
+    try:
+        if find_engine(output_dir=output_dir) is not None:
+            return
+        check_output_dir(run_config, resume=resume, overwrite=overwrite)
+        if overwrite:
+            moved = set_aside_run(output_dir)
+            if moved is not None:
+                _say(f"--overwrite: moved the previous run in {output_dir} to {moved}",
+                     style="yellow")
+    except UserError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot set the previous run in {output_dir} aside: {e}")
 
 
 def _check_data_files(adapters: list["AdapterConfig"]) -> list[tuple[int, str]]:
@@ -523,6 +565,8 @@ def serve(
         show_default=False)] = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="Log here instead of OUTPUT_DIR/engine.log.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the newest checkpoint in OUTPUT_DIR.")] = False,
     base_model: BaseModelOption = None,
     fp16: Fp16Option = False,
     bf16: Bf16Option = False,
@@ -540,7 +584,7 @@ def serve(
     if model_overrides_json:
         overrides = {**json.loads(model_overrides_json), **overrides}
     raise typer.Exit(serve_engine(config, max_steps=max_steps, log_path=log,
-                                  model_overrides=overrides))
+                                  model_overrides=overrides, resume=resume))
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import socket
 from typing import Any, AsyncIterator, Awaitable, TypeVar
@@ -52,6 +51,7 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._events: asyncio.Queue | None = None
         self._closed_reason: str | None = None
+        self._refusal: str | None = None   # an error tied to no request (why it closes)
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
         self.engine_info: dict = {}
 
@@ -90,7 +90,13 @@ class EngineClient:
             await self._writer.drain()
         except (OSError, RuntimeError) as e:
             self._pending.pop(request_id, None)
-            raise EngineUnavailable(f"the engine connection broke: {e}") from None
+            # The engine may have said why it closed (too many clients): read that first.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._read_task), 2.0)
+            except Exception:
+                pass
+            raise EngineUnavailable(self._closed_reason if self._refusal
+                                    else f"the engine connection broke: {e}") from None
         try:
             return await future
         finally:
@@ -179,28 +185,44 @@ class EngineClient:
             while True:
                 line = await self._reader.readline()
                 if not line:
+                    if self._refusal:
+                        reason = f"the engine closed the connection: {self._refusal}"
                     break
                 self._dispatch(p.decode(line))
         except (OSError, ValueError, p.ProtocolError) as e:
             # ValueError: a line over the reader's limit, which a real engine never sends.
             reason = f"the engine connection broke: {e}"
+        except Exception as e:   # a message of the wrong shape: not from an engine of ours
+            reason = f"the engine sent a malformed message ({type(e).__name__}: {e})"
         finally:
             self._closed(reason)
 
     def _dispatch(self, message: dict) -> None:
         kind = message.get("kind")
         if kind == "event":
+            event = message.get("event")
+            if not isinstance(event, dict):
+                raise TypeError(f"an event must be an object, got {type(event).__name__}")
             if self._events is not None:
-                self._events.put_nowait({**message.get("event", {}), "seq": message.get("seq")})
+                self._events.put_nowait({**event, "seq": message.get("seq")})
             return
-        future = self._pending.get(message.get("id"))
+        request_id = message.get("id")
+        future = self._pending.get(request_id) if isinstance(request_id, int) else None
         if future is None or future.done():
-            return   # an error not tied to a request we wait for (the engine logs it)
+            # An error not tied to a request we wait for: the engine says why it is about
+            # to close the connection (too many clients, no hello in time).
+            if kind == "error":
+                self._refusal = f"{message.get('message', '')} ({message.get('code')})"
+            return
         if kind == "reply":
-            future.set_result(message.get("result") or {})
+            result = message.get("result") or {}
+            if not isinstance(result, dict):
+                raise TypeError(f"a reply's result must be an object, got "
+                                f"{type(result).__name__}")
+            future.set_result(result)
         elif kind == "error":
-            future.set_exception(RequestFailed(message.get("code", p.INTERNAL),
-                                               message.get("message", "")))
+            future.set_exception(RequestFailed(str(message.get("code", p.INTERNAL)),
+                                               str(message.get("message", ""))))
 
     def _closed(self, reason: str) -> None:
         if self._closed_reason is not None:
@@ -230,7 +252,8 @@ def hello_sync(socket_path: str | os.PathLike, client: str = "mlora",
         sock.connect(os.fspath(socket_path))
         sock.sendall(p.encode(p.request(1, "hello", version=p.PROTOCOL_VERSION, client=client)))
         data = b""
-        while not data.endswith(b"\n"):
+        # The first line only, and never more than a line may hold.
+        while b"\n" not in data and len(data) <= p.MAX_LINE_BYTES:
             chunk = sock.recv(65536)
             if not chunk:
                 raise EngineUnavailable(f"the engine at {socket_path} closed the connection")
@@ -240,7 +263,15 @@ def hello_sync(socket_path: str | os.PathLike, client: str = "mlora",
                                 f"{getattr(e, 'strerror', None) or e or 'timed out'}") from None
     finally:
         sock.close()
-    message = json.loads(data.split(b"\n", 1)[0])
-    if message.get("kind") == "error":
-        raise RequestFailed(message.get("code", p.INTERNAL), message.get("message", ""))
-    return message.get("result", {}).get("engine", {})
+    try:
+        message = p.decode(data.split(b"\n", 1)[0])
+        if message.get("kind") == "error":
+            raise RequestFailed(str(message.get("code", p.INTERNAL)),
+                                str(message.get("message", "")))
+        engine = message["result"]["engine"]
+        if message.get("kind") != "reply" or not isinstance(engine, dict):
+            raise TypeError("not a hello reply")
+        return engine
+    except (p.ProtocolError, KeyError, TypeError) as e:
+        raise EngineUnavailable(f"what answers at {socket_path} is not an mlora engine "
+                                f"({getattr(e, 'message', None) or e})") from None

@@ -29,11 +29,12 @@ __all__ = ["ensure_engine", "attach_target", "EngineNotFound", "log_tail"]
 
 def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike | None = None,
                   timeout: float = 120.0, max_steps: int | None = None,
-                  model_overrides: dict | None = None) -> EngineRecord:
+                  model_overrides: dict | None = None, resume: bool = False) -> EngineRecord:
     """The live engine for this config's output_dir, started when there is none.
 
     ``log_to`` replaces ``<output_dir>/engine.log`` as the engine's log; ``max_steps`` and
-    ``model_overrides`` (``[model]`` fields) apply only to an engine started here. Raises
+    ``model_overrides`` (``[model]`` fields) and ``resume`` (continue from the newest
+    checkpoint) apply only to an engine started here. Raises
     UserError for a bad config or data
     file (nothing started), or when the engine exits before it answers (with the end of
     its log).
@@ -62,6 +63,8 @@ def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike |
         command += ["--max-steps", str(max_steps)]
     if model_overrides:
         command += ["--model-overrides", json.dumps(model_overrides)]
+    if resume:
+        command.append("--resume")
     with open(log_path, "ab") as log_file:
         start = log_file.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,

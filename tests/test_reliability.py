@@ -457,3 +457,25 @@ def test_a_job_that_would_not_fit_waits_in_the_queue(tiny_llama, data_files, tmp
     for name in probe.jobs:
         assert limited.jobs[name].state == "done"
         _assert_close(_weights(limited, name), _weights(probe, name))
+
+
+def test_a_job_that_cannot_be_added_leaves_nothing_behind(tiny_llama, data_files, tmp_path):
+    adapters = _three_adapters(data_files)
+    engine = Engine(_run_config(tiny_llama, tmp_path / "run", adapters[:1]))
+    engine.run(max_steps=1)
+    first = _weights(engine, "plain")
+    folder = tmp_path / "plain-r4"
+    folder.mkdir()
+    save_file(first, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    wrong = replace(adapters[0], name="other", r=2, init_from=str(folder))
+    with pytest.raises(UserError, match="shape"):
+        engine.add_job(wrong)
+    assert "other" not in engine.jobs and not adapters_module.adapter_modules(engine.model,
+                                                                               "other")
+    engine.add_job(replace(wrong, r=4))
+    _assert_identical(_weights(engine, "other"), {k: v for k, v in first.items()})
+    missing = replace(adapters[0], name="third", target_modules=["nope_proj"])
+    with pytest.raises(UserError, match=r'\[adapter "third"\] target_modules: target .*'
+                                        r"nope_proj.* not found"):
+        engine.add_job(missing)
