@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.errors import UserError
 from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight, wrap_linears
+from engine.mixlora import detach_mixlora, mixlora_tensors
 
 PEFT_PREFIX = "base_model.model."
 META_FILE = "mlora_adapter.json"
@@ -53,6 +54,7 @@ def detach_adapter(model: nn.Module, name: str) -> None:
     for module in model.modules():
         if isinstance(module, MultiLoraLinear) and name in module.adapters:
             del module.adapters[name]
+    detach_mixlora(model, name)   # a MixLoRA adapter's routers and experts
 
 
 def adapter_modules(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
@@ -73,6 +75,9 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         state[f"{key}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous().clone()
         if adapter.magnitude is not None:
             state[f"{key}.lora_magnitude_vector"] = adapter.magnitude.detach().cpu().clone()
+    # A MixLoRA adapter's routers and experts (engine.mixlora, docs/mixlora.md).
+    for key, tensor in mixlora_tensors(model, name, PEFT_PREFIX).items():
+        state[key] = tensor.detach().cpu().contiguous().clone()
     return state
 
 
@@ -87,6 +92,7 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
         expected[f"{key}.lora_B.weight"] = adapter.lora_B
         if adapter.magnitude is not None:
             expected[f"{key}.lora_magnitude_vector"] = adapter.magnitude
+    expected.update(mixlora_tensors(model, name, PEFT_PREFIX))   # MixLoRA routers, experts
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -97,7 +103,9 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
             parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
         raise UserError(f"{source}: adapter weights do not match this adapter's layers: "
                         + "; ".join(parts)
-                        + ". Check r, target_modules and use_dora against the saved adapter.")
+                        + ". Check r, target_modules and use_dora (and a MixLoRA adapter's "
+                        "routing_strategy, num_experts and expert_lora) against the saved "
+                        "adapter.")
     for key, param in expected.items():
         tensor = state[key]
         if tuple(tensor.shape) != tuple(param.shape):
@@ -224,9 +232,9 @@ def read_adapter_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tenso
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{config_path}: cannot read it as JSON ({exc})") from None
-    if config.get("peft_type", "LORA") != "LORA":
+    if config.get("peft_type", "LORA") not in ("LORA", "MIXLORA"):
         raise UserError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported "
-                        "(expected LORA)")
+                        "(expected LORA or MIXLORA)")
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises several types for corrupt files

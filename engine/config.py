@@ -103,7 +103,7 @@ class AdapterConfig:
     ffn_dropout: Optional[float] = None
     sparse_step: Optional[int] = None
     act_fn: Optional[str] = None             # None: the feed-forward's own activation
-    expert_lora: Optional[dict] = None       # r/lora_alpha/lora_dropout/use_rslora/use_dora of experts
+    expert_lora: Optional[dict] = None       # the experts' LoRA fields (EXPERT_LORA_FIELDS)
 
 
 @dataclass

@@ -24,7 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.config import read_user_text
+from engine.config import (EXPERT_LORA_FIELDS, MIXLORA_FIELDS, MIXLORA_STRATEGY_ONLY,
+                           read_user_text)
 from engine.errors import ConfigError
 
 # m-LoRA global key -> [train] key.
@@ -63,13 +64,17 @@ _ADAPTER_ORDER = (
     "batch_size", "micro_batch_size", "num_epochs", "scheduler_type", "warmup_steps",
     "warmup_ratio", "cutoff_len", "train_on_inputs", "val_set_size", "group_by_length",
 )
-# MixLoRA (mixture of LoRA experts) fields, from m-LoRA and MoE-PEFT.
-_MIXLORA_KEYS = {
-    "routing_strategy", "num_experts", "top_k", "top_p", "temperature", "act_fn",
-    "router_aux_loss_coef", "router_z_loss_coef", "router_dyn_loss_coef", "router_init_range",
-    "router_loss", "jitter_noise", "expert_capacity", "sparse_step", "ffn_dropout",
-    "entropy_index", "entropy_type", "entropy_eps", "expert_lora",
-}
+# MixLoRA (mixture of LoRA experts) fields of m-LoRA and MoE-PEFT: the same names here
+# (docs/mixlora.md), written in MIXLORA_FIELDS' order after the LoRA fields.
+_MIXLORA_KEYS = set(MIXLORA_FIELDS)
+# MixLoRA fields with no equivalent, with why.
+_ENTROPY = "no equivalent: MoE-PEFT's entropy router loss is not implemented here"
+_MIXLORA_NOTES = {"router_dyn_loss_coef": _ENTROPY, "entropy_index": _ENTROPY,
+                  "entropy_type": _ENTROPY, "entropy_eps": _ENTROPY}
+# m-LoRA's older routing_strategy names.
+_OLD_STRATEGIES = {"mixtral": "mixlora", "switch": "mixlora-switch",
+                   "dynamic": "mixlora-dynamic"}
+_EXPERT_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 # m-LoRA's LLaMA module names for the MLP projections.
 _OLD_TARGET_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 
@@ -143,10 +148,12 @@ def _adapter_section(lora: dict) -> list[str]:
     mapped: dict[str, Any] = {}
     notes: list[str] = []          # comment lines inside the adapter's table
     unmapped: list[str] = []
-    mixlora: list[str] = []
+    mixlora: dict[str, Any] = {}
     for key, value in lora.items():
-        if key in _MIXLORA_KEYS:
-            mixlora.append(_commented(key, value))
+        if key in _MIXLORA_KEYS or key == "router_loss":
+            mixlora[key] = value
+        elif key in _MIXLORA_NOTES:
+            unmapped.append(_commented(key, value, _MIXLORA_NOTES[key]))
         elif key in _ADAPTER_KEYS:
             new_key = _ADAPTER_KEYS[key]
             if new_key in mapped:  # e.g. both "alpha" and "lora_alpha"; the first one wins
@@ -183,15 +190,61 @@ def _adapter_section(lora: dict) -> list[str]:
     for key in _ADAPTER_ORDER:
         if key in mapped:
             lines.append(_assign(key, mapped[key]))
+    mix_mapped, mix_notes = _mixlora(mixlora)
+    if mix_mapped or mix_notes:
+        lines.append("# MixLoRA: a mixture of LoRA experts on the feed-forward (docs/mixlora.md)")
+    for key in MIXLORA_FIELDS:
+        if key in mix_mapped:
+            lines.append(_assign(key, mix_mapped[key]))
+    lines += mix_notes
     lines += notes
     if unmapped:
         lines.append("# m-LoRA fields with no equivalent here:")
         lines += unmapped
-    if mixlora:
-        lines.append("# MixLoRA fields, kept for reference: they need MixLoRA support, which")
-        lines.append("# mlora-tui does not have, so this adapter trains as plain LoRA.")
-        lines += mixlora
     return lines + [""]
+
+
+def _mixlora(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An m-LoRA adapter's MixLoRA fields as [[adapter]] keys, and comments on the rest."""
+    mapped: dict[str, Any] = {}
+    notes: list[str] = []
+    strategy = fields.get("routing_strategy")
+    if strategy is None:
+        for key, value in fields.items():
+            notes.append(_commented(key, value, "MixLoRA field without routing_strategy: "
+                                                "this adapter trains as plain LoRA"))
+        return mapped, notes
+    if isinstance(strategy, str) and strategy in _OLD_STRATEGIES:
+        notes.append(f"# routing_strategy: m-LoRA's {strategy!r} is "
+                     f"{_OLD_STRATEGIES[strategy]!r} here")
+        strategy = _OLD_STRATEGIES[strategy]
+    for key, value in fields.items():
+        if key == "routing_strategy":
+            mapped[key] = strategy
+        elif key == "router_loss":
+            if value is False:
+                mapped["router_aux_loss_coef"] = mapped["router_z_loss_coef"] = 0.0
+                notes.append(_commented(key, value, "router losses off: their coefs are 0"))
+            else:
+                notes.append(_commented(key, value, "the default here: router losses on"))
+        elif key in ("router_aux_loss_coef", "router_z_loss_coef") and fields.get(
+                "router_loss") is False:
+            notes.append(_commented(key, value, "router_loss = false turns it off"))
+        elif key in MIXLORA_STRATEGY_ONLY and MIXLORA_STRATEGY_ONLY[key] != strategy:
+            notes.append(_commented(key, value, f"not used by routing_strategy {strategy!r}"))
+        elif key == "expert_lora" and isinstance(value, dict):
+            expert = {}
+            for name, item in value.items():
+                name_here = _EXPERT_ALIASES.get(name, name)
+                if name_here in EXPERT_LORA_FIELDS and name_here not in expert:
+                    expert[name_here] = item
+                else:
+                    notes.append(_commented(f"expert_lora.{name}", item,
+                                            "no equivalent in expert_lora here"))
+            mapped[key] = expert
+        else:
+            mapped[key] = value
+    return mapped, notes
 
 
 def _targets(value: Any) -> tuple[Any, bool]:

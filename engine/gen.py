@@ -29,6 +29,15 @@ from engine.families import DEFAULT_TARGETS, model_type_of
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "configs" / "templates"
 _SECTIONS = ("model", "train", "adapter")
+# The feed-forward projections of each family: a MixLoRA adapter's experts go there, so a
+# MixLoRA template's adapters target them besides the family's default (attention) targets.
+_GATED = ["gate_proj", "up_proj", "down_proj"]
+FEED_FORWARD_TARGETS: dict[str, list[str]] = {
+    **{t: _GATED for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                           "gemma3_text", "gemma3")},
+    "phi": ["fc1", "fc2"],
+    **{t: ["gate_up_proj", "down_proj"] for t in ("phi3", "glm", "glm4")},
+}
 
 
 def list_templates() -> dict[str, str]:
@@ -63,6 +72,8 @@ def generate_config(template: str, tasks: list[str], *, out_path: str | os.PathL
     model_type = model_type_of(base_model)
     if targets is None and model_type in DEFAULT_TARGETS:
         targets = DEFAULT_TARGETS[model_type]
+        if sections["adapter"].get("routing_strategy"):   # MixLoRA: experts on the FFN
+            targets = list(targets) + FEED_FORWARD_TARGETS.get(model_type, [])
 
     adapters, names = [], set()
     for task in tasks:

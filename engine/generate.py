@@ -19,6 +19,7 @@ from engine.adapters import attach_adapter, load_adapter_state, read_adapter_fol
 from engine.config import ModelConfig
 from engine.errors import ConfigError, UserError
 from engine.lora import BatchLayout
+from engine.mixlora import attach_mixlora
 from engine.models import find_target_linears, load_base_model, resolve_base_model, select_device
 from engine.prompts import PromptTemplate, load_template
 
@@ -51,22 +52,41 @@ def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only
                             quantize=meta.get("quantize", "none"))
     model, tokenizer, _info = load_base_model(model_cfg, device, log=log)
     if not base_only:
-        layout = BatchLayout()
-        targets = _target_modules(peft_cfg, adapter_dir)
-        linears = find_target_linears(model, targets)
-        r = _rank(peft_cfg, adapter_dir)
-        attach_adapter(model, layout, ADAPTER_NAME, list(linears), r=r,
-                       alpha=float(peft_cfg.get("lora_alpha", r)), dropout=0.0,
-                       use_rslora=bool(peft_cfg.get("use_rslora", False)),
-                       use_dora=bool(peft_cfg.get("use_dora", False)), init_seed=0,
-                       device=device)
-        load_adapter_state(model, ADAPTER_NAME, state, source=str(adapter_dir))
-        # Generation batches are not split by job: the adapter applies to every row.
-        layout.set_single(ADAPTER_NAME)
+        attach_saved_adapter(model, peft_cfg, state, adapter_dir, device)
 
     ids = prompt_ids(prompt, tokenizer, template, input)
     return _decode_continuation(model, tokenizer, ids, device, max_new_tokens=max_new_tokens,
                                 temperature=temperature, seed=seed)
+
+
+def attach_saved_adapter(model, peft_cfg: dict, state: dict, adapter_dir: str | Path,
+                         device: torch.device) -> BatchLayout:
+    """Attach a saved adapter (``read_adapter_folder``'s config and tensors) to ``model``.
+
+    LoRA and DoRA adapters, and MixLoRA ones (peft_type MIXLORA: experts and routers on the
+    feed-forward blocks, engine.mixlora). The adapter applies to every row: generation
+    batches are not split by job. Returns the layout its layers share.
+    """
+    adapter_dir = Path(adapter_dir)
+    layout = BatchLayout()
+    targets = _target_modules(peft_cfg, adapter_dir)
+    linears = list(find_target_linears(model, targets))
+    r = _rank(peft_cfg, adapter_dir)
+    if peft_cfg.get("peft_type") == "MIXLORA":
+        try:
+            linears = attach_mixlora(model, layout, peft_cfg, linears, init_seed=0,
+                                     device=device, name=ADAPTER_NAME)
+        except (ValueError, TypeError) as e:   # fields the config could not resolve
+            raise UserError(f"{adapter_dir / 'adapter_config.json'}: not a valid MixLoRA "
+                            f"config ({e})") from None
+    attach_adapter(model, layout, ADAPTER_NAME, linears, r=r,
+                   alpha=float(peft_cfg.get("lora_alpha", r)), dropout=0.0,
+                   use_rslora=bool(peft_cfg.get("use_rslora", False)),
+                   use_dora=bool(peft_cfg.get("use_dora", False)), init_seed=0,
+                   device=device)
+    load_adapter_state(model, ADAPTER_NAME, state, source=str(adapter_dir))
+    layout.set_single(ADAPTER_NAME)
+    return layout
 
 
 def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTemplate],

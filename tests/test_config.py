@@ -466,13 +466,16 @@ def test_convert_round_trip(workdir):
     assert second.target_modules == ["q_proj", "o_proj"]
     assert (second.scheduler_type, second.warmup_steps, second.val_set_size, second.cutoff_len,
             second.train_on_inputs, second.use_dora) == ("cosine", 5, 3, 64, True, True)
+    # MixLoRA fields carry over (the strategy's defaults fill what m-LoRA left out).
+    assert (second.routing_strategy, second.num_experts, second.top_k) == ("mixlora", 8, 2)
+    assert second.expert_lora == {"r": 4, "use_rslora": True}
+    assert second.router_aux_loss_coef == 0.001 and second.top_p is None
 
     # What has no equivalent stays visible as comments.
     for fragment in ("# train_lora_candidate_num = 2", "# train_strategy = \"optim\"",
                      "# test_batch_size = 64", "# expand_side = \"right\"",
-                     "need MixLoRA support", "# routing_strategy = \"mixlora\"",
-                     "# num_experts = 8", "# top_k = 2",
-                     "# expert_lora = { r = 4, use_rslora = true }"):
+                     "\nrouting_strategy = \"mixlora\"", "\nnum_experts = 8", "\ntop_k = 2",
+                     "\nexpert_lora = { r = 4, use_rslora = true }"):
         assert fragment in text, fragment
 
 

@@ -38,7 +38,8 @@ def tasks(tmp_path):
 
 
 def test_every_variant_has_a_template_that_generates_a_valid_config(tasks, tmp_path):
-    assert set(list_templates()) == {"lora", "rslora", "dora", "loraplus"}
+    assert set(list_templates()) == {"lora", "rslora", "dora", "loraplus", "mixlora",
+                                     "mixlora-switch", "mixlora-dynamic"}
     for template in list_templates():
         out = tmp_path / "configs" / f"{template}.toml"
         result = invoke("gen", "--template", template, "--tasks",
@@ -49,7 +50,11 @@ def test_every_variant_has_a_template_that_generates_a_valid_config(tasks, tmp_p
         assert [a.data for a in config.adapters] == [str(p) for p in tasks]
         adapter = config.adapters[0]
         assert adapter.lr == 1e-3
-        assert adapter.target_modules == DEFAULT_TARGETS["llama"]   # the demo model's family
+        mixlora = template.startswith("mixlora")
+        # The demo model's family; MixLoRA's experts also need the feed-forward projections.
+        assert adapter.target_modules == DEFAULT_TARGETS["llama"] + (
+            ["gate_proj", "up_proj", "down_proj"] if mixlora else [])
+        assert adapter.routing_strategy == (template if mixlora else None)
         assert adapter.use_dora == (template == "dora")
         assert adapter.use_rslora == (template == "rslora")
         assert (adapter.loraplus_lr_ratio > 1) == (template == "loraplus")
@@ -67,6 +72,23 @@ def test_targets_follow_the_base_model_family(tasks, tmp_path):
     # Paths below the config's folder are written relative to it.
     data = tomllib.loads(out.read_text())["adapter"][0]["data"]
     assert data == str(Path("data") / "first task.jsonl")
+
+
+def test_mixlora_templates_are_listed_and_target_the_fused_feed_forward(tasks, tmp_path):
+    result = invoke("gen", "--list")
+    assert result.exit_code == 0, result.output
+    for name in ("mixlora", "mixlora-switch", "mixlora-dynamic"):
+        assert name in result.output
+    model = tmp_path / "glm4-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "glm4"}))
+    out = tmp_path / "glm4.toml"
+    result = invoke("gen", "--template", "mixlora-switch", "--tasks", str(tasks[0]),
+                    "--base_model", model, "-o", out)
+    assert result.exit_code == 0, result.output
+    adapter = load_config(out).adapters[0]
+    assert adapter.target_modules == DEFAULT_TARGETS["glm4"] + ["gate_up_proj", "down_proj"]
+    assert (adapter.routing_strategy, adapter.expert_capacity) == ("mixlora-switch", 64)
 
 
 @pytest.mark.parametrize("args, message", [
