@@ -1,0 +1,272 @@
+"""Peak memory of a LoRA training step, estimated from a model config and a job set. No torch.
+
+``estimate_peak_bytes(model, jobs, ...)`` returns bytes; ``estimate_breakdown`` returns the
+same estimate by component. ``model`` is a Hugging Face config (a ``config.json`` dict, a
+``PretrainedConfig``, or anything with those attribute names) of a LLaMA-style decoder
+(q/k/v/o projections, a gated MLP of gate/up/down, RMSNorm); ``jobs`` are ``JobLoad``s, one
+per adapter in the step (its micro-batch rows, their padded length, rank, targets).
+
+What is counted (bytes; ``b`` = bytes per base-weight element, 2 for bf16/fp16, 4 for fp32;
+``h`` hidden size, ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``I`` MLP width,
+``V`` vocabulary, ``L`` layers, ``P`` token positions run through the decoder):
+
+* **weights**: every base parameter x ``b`` (tied embeddings counted once).
+* **adapters**: LoRA parameters ``L x sum over targets of r x (in + out)``, fp32: weights 4,
+  gradients 4, AdamW's two moments 8 bytes per parameter (SGD: momentum 4 or nothing).
+  ``engine``: every job's gradients exist at once (one batched backward); ``peft``: all
+  adapters' weights and optimizer states stay resident, gradients of one adapter at a time.
+* **activations** saved for the backward pass, per position per layer:
+  - the two RMSNorms keep their fp32 upcast of the input: ``2 x 4h``;
+  - SDPA keeps q, k, v and its output in the base dtype: ``b x (2q + 2kv')``, where
+    ``kv' = q`` when the model has fewer KV heads than heads (transformers repeats k and v
+    for SDPA whenever an attention mask is passed, as padded batches do) else ``kv``;
+    eager attention also keeps the softmax probabilities: ``heads x seq x (4 + b)``;
+  - the gated MLP keeps gate and up outputs and SiLU(gate): ``3 x I x b``;
+  - each targeted linear keeps the fp32 copy of its input for ``x @ A.T``, and with
+    dropout the dropout mask: ``engine`` an fp32 mask (``8 x in``), ``peft`` a bool mask
+    (``5 x in``); without dropout ``4 x in``;
+  - frozen base linears keep nothing (their weight gradient is never needed).
+  The engine pads every row of a step to the step's longest row, so ``P = rows x that
+  width`` over all jobs; PEFT runs one adapter at a time on its own rows and width (the peak
+  is that of the largest). With gradient checkpointing only each block's input is kept
+  (``b x h`` per position per layer) and one block is recomputed at a time.
+* **backward working set**: one more layer's activations, a heuristic for the gradients
+  and temporaries alive while a block's backward runs.
+* **head / loss**: ``engine`` runs lm_head on target positions only (``T`` of them) and
+  keeps each job's fp32 log-softmax until backward: ``4 x V x T_all``, plus the backward
+  temporaries of the largest job, ``8 x V x T_job``. ``peft`` (Hugging Face's
+  ``labels=`` loss) computes logits for every position: the logits (``b``), their fp32
+  log-softmax (4) and the gradients of the loss backward (8): ``(b + 12) x V x P``.
+* **runtime**: what the process holds besides tensors. CPU resident-set size of Python
+  with torch, transformers, peft and the tokenizer loaded, measured at about 0.45 GiB on
+  the development machines (``CPU_RUNTIME_BYTES``); on CUDA 0, because the comparison is
+  with ``torch.cuda.max_memory_allocated``, which leaves out the CUDA context (about
+  0.5 GiB per process more in ``nvidia-smi``) and the caching allocator's reserve.
+
+Not counted: quantized weights (4/8-bit), DoRA's weight-norm temporaries, optimizer
+``foreach`` temporaries, allocator fragmentation. Validated against measured peaks with
+``bench/bench.py`` (see BENCHMARKS.md, "How the numbers are measured").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+CPU_RUNTIME_BYTES = 400 * 2**20
+CPU_ALLOCATOR_FACTOR = 1.35
+ENGINE_HEAD_CHUNK = 1024          # engine.loss.DEFAULT_CHUNK (not imported: that needs torch)
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class JobLoad:
+    """One adapter's share of a training step."""
+    rows: int                      # rows of its micro-batch
+    seq_len: int                   # its longest row (its rows' padded width), in tokens
+    r: int = 8
+    target_modules: Sequence[str] = DEFAULT_TARGETS
+    target_tokens: int | None = None   # positions with a label; None: half of rows x seq_len
+    lora_dropout: float = 0.05
+    optimizer: str = "adamw"       # adamw | sgd (with momentum) | sgd0 (no momentum)
+
+    @property
+    def targets(self) -> int:
+        if self.target_tokens is not None:
+            return self.target_tokens
+        return self.rows * self.seq_len // 2
+
+
+@dataclass
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    extra_params: int = 0          # anything else (biases, extra norms)
+    linears: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        get = (config.get if isinstance(config, Mapping)
+               else lambda key, default=None: getattr(config, key, default))
+        hidden = get("hidden_size")
+        heads = get("num_attention_heads")
+        kv_heads = get("num_key_value_heads") or heads
+        head_dim = get("head_dim") or hidden // heads
+        shape = cls(hidden=hidden, layers=get("num_hidden_layers"), heads=heads,
+                    kv_heads=kv_heads, head_dim=head_dim,
+                    intermediate=get("intermediate_size"), vocab=get("vocab_size"),
+                    tied=bool(get("tie_word_embeddings", False)))
+        q, kv, h, i = heads * head_dim, kv_heads * head_dim, hidden, shape.intermediate
+        shape.linears = {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            # fused or other families' names, for adapter sizes
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i), "dense": (q, h),
+            "fc1": (h, i), "fc2": (i, h),
+        }
+        return shape
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def decoder_matmul_params(self) -> int:
+        """Weights of the decoder's linear layers (all layers)."""
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        return self.layers * sum(self.linears[n][0] * self.linears[n][1] for n in names)
+
+    def num_params(self) -> int:
+        embed = self.vocab * self.hidden
+        norms = self.layers * 2 * self.hidden + self.hidden
+        return (self.decoder_matmul_params() + embed * (1 if self.tied else 2) + norms
+                + self.extra_params)
+
+    def lora_params(self, r: int, targets: Iterable[str]) -> int:
+        total = 0
+        for name in targets:
+            fan_in, fan_out = self.linears.get(name, (self.hidden, self.hidden))
+            total += r * (fan_in + fan_out)
+        return self.layers * total
+
+
+def _dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+def _lora_saved_per_position(shape: ModelShape, job: JobLoad, implementation: str,
+                             device: str) -> int:
+    """Bytes the targeted linears keep per position per layer, summed over targets."""
+    if job.lora_dropout <= 0:
+        per_in = 4
+    elif implementation == "engine" or device == "cpu":
+        per_in = 8      # fp32 input copy + fp32 mask (torch's CPU dropout keeps a float mask)
+    else:
+        per_in = 5      # fp32 input copy + bool mask (CUDA's fused dropout)
+    return sum(per_in * shape.linears.get(t, (shape.hidden, shape.hidden))[0]
+               for t in job.target_modules)
+
+
+def _base_saved_per_position(shape: ModelShape, b: int, seq_len: int, attn_impl: str) -> int:
+    """Bytes a decoder layer keeps per position for backward, adapters aside."""
+    kv_saved = shape.q_dim if shape.kv_heads < shape.heads else shape.kv_dim
+    saved = 2 * 4 * shape.hidden                       # RMSNorm fp32 upcasts
+    saved += b * (2 * shape.q_dim + 2 * kv_saved)      # SDPA: q, k, v, output
+    saved += 3 * shape.intermediate * b                # gate, up, silu(gate)
+    if attn_impl == "eager":
+        saved += shape.heads * seq_len * (4 + b)       # softmax probabilities
+    return saved
+
+
+def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf16",
+                       device: str = "cpu", gradient_checkpointing: bool = False,
+                       attn_impl: str = "sdpa", implementation: str = "engine",
+                       passes: Sequence[Sequence[int]] | None = None,
+                       head_chunk: int = ENGINE_HEAD_CHUNK,
+                       runtime_bytes: int | None = None) -> dict[str, int]:
+    """The estimate by component (bytes): weights, adapters, activations, backward, head,
+    runtime, and their sum under ``total``.
+
+    ``implementation``: ``"engine"`` (this engine: the jobs' micro-batches concatenated in
+    one forward/backward pass, or in the ``passes`` given as lists of job indices, one pass
+    after another, as the engine's ``plan_passes`` may group them) or ``"peft"`` (one PEFT
+    model holding every job's adapter, trained one adapter at a time; a single PEFT process
+    is ``"peft"`` with one job). ``head_chunk``: the engine's LM-head loss chunk in tokens
+    (``engine.loss.DEFAULT_CHUNK``; 0: unchunked).
+    """
+    if implementation not in ("engine", "peft"):
+        raise ValueError(f"implementation must be 'engine' or 'peft', got {implementation!r}")
+    if not jobs:
+        raise ValueError("no jobs")
+    shape = model if isinstance(model, ModelShape) else ModelShape.from_config(model)
+    b = _dtype_bytes(dtype)
+    out: dict[str, int] = {"weights": shape.num_params() * b}
+
+    def state_bytes(job: JobLoad) -> int:
+        return {"adamw": 8, "sgd": 4, "sgd0": 0}.get(job.optimizer, 8)
+
+    lora = [shape.lora_params(j.r, j.target_modules) for j in jobs]
+    resident = sum(p * (4 + state_bytes(j)) for p, j in zip(lora, jobs))
+    grads = 4 * (sum(lora) if implementation == "engine" else max(lora))
+    out["adapters"] = resident + grads
+
+    def engine_pass(group: list[JobLoad]) -> tuple[int, int, int, int]:
+        """(per-layer activations, head, positions, mask) of one engine pass."""
+        width = max(j.seq_len for j in group)
+        base = _base_saved_per_position(shape, b, width, attn_impl)
+        rows = sum(j.rows for j in group)
+        layer = sum(j.rows * width * (base + _lora_saved_per_position(shape, j, "engine", device))
+                    for j in group)
+        biggest = max(j.targets for j in group)
+        chunk = min(head_chunk, biggest) if head_chunk else biggest
+        targets = sum(j.targets for j in group)
+        # Each job's gradient w.r.t. its target hidden states is kept (and its gathered
+        # hidden states); one chunk's logits, log-softmax and gradient exist at a time.
+        head = 2 * b * shape.hidden * targets + (8 + b) * shape.vocab * chunk
+        head += 4 * shape.hidden * rows * width            # final norm's fp32 upcast
+        return layer, head, rows * width, rows * width * width
+
+    def peft_pass(j: JobLoad) -> tuple[int, int, int, int]:
+        base = _base_saved_per_position(shape, b, j.seq_len, attn_impl)
+        positions = j.rows * j.seq_len
+        layer = positions * (base + _lora_saved_per_position(shape, j, "peft", device))
+        head = ((b + 12) * shape.vocab + 4 * shape.hidden) * positions
+        return layer, head, positions, positions * j.seq_len
+
+    if implementation == "engine":
+        groups = [[jobs[i] for i in g] for g in passes] if passes else [list(jobs)]
+        costs = [engine_pass(g) for g in groups if g]
+    else:
+        costs = [peft_pass(j) for j in jobs]
+
+    def activations(cost: tuple[int, int, int, int]) -> int:
+        layer, _head, positions, mask = cost
+        kept = (shape.layers * b * shape.hidden * positions + layer if gradient_checkpointing
+                else shape.layers * layer)
+        return kept + mask                              # mask: the 4-D boolean attention mask
+
+    worst = max(costs, key=lambda c: activations(c) + c[0] + c[1])
+    out["activations"] = activations(worst)
+    out["backward"] = worst[0]
+    out["head"] = worst[1]
+    if device == "cpu":
+        # What glibc keeps resident beyond the step's live tensors (freed blocks it does
+        # not hand back), in proportion to what the step allocates and frees.
+        step = out["activations"] + out["backward"] + out["head"]
+        out["allocator"] = int(step * (CPU_ALLOCATOR_FACTOR - 1))
+    if runtime_bytes is None:
+        runtime_bytes = CPU_RUNTIME_BYTES if device == "cpu" else 0
+    out["runtime"] = runtime_bytes
+    out["total"] = sum(out.values())
+    return out
+
+
+def estimate_peak_bytes(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf16",
+                        device: str = "cpu", gradient_checkpointing: bool = False,
+                        attn_impl: str = "sdpa", implementation: str = "engine",
+                        passes: Sequence[Sequence[int]] | None = None,
+                        head_chunk: int = ENGINE_HEAD_CHUNK,
+                        runtime_bytes: int | None = None) -> int:
+    """Estimated peak memory (bytes) of training ``jobs`` in one step on ``model``.
+
+    On CPU it compares with the process's peak resident set size (VmHWM), on CUDA with
+    ``torch.cuda.max_memory_allocated``. See the module docstring for what is counted.
+    """
+    return estimate_breakdown(model, jobs, dtype=dtype, device=device,
+                              gradient_checkpointing=gradient_checkpointing,
+                              attn_impl=attn_impl, implementation=implementation,
+                              passes=passes, head_chunk=head_chunk,
+                              runtime_bytes=runtime_bytes)["total"]
