@@ -221,6 +221,8 @@ class Job:
     @property
     def variant(self) -> str:
         cfg = self.cfg
+        if cfg.routing_strategy:
+            return cfg.routing_strategy
         name = "dora" if cfg.use_dora else "rslora" if cfg.use_rslora else "lora"
         return name + ("+loraplus" if cfg.loraplus_lr_ratio != 1.0 else "")
 
