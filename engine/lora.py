@@ -4,7 +4,11 @@ A batched step concatenates the micro-batches of several jobs along the batch di
 ``BatchLayout`` says which rows belong to which adapter; every ``MultiLoraLinear`` in the
 model shares one layout. The base projection runs once over all rows; each adapter's
 delta is computed only on its own rows and added there. Rows of an adapter that does not
-target a module pass through it unchanged.
+target a module pass through it unchanged. Each plain-LoRA segment is two small matmuls
+with its own adapter's weights, added in place into the base output where the base is a
+plain ``nn.Linear`` (``MultiLoraLinear._grouped_lora``): no copy of the output, and a row
+never meets another adapter's weights, so a NaN in one adapter stays in its job's rows.
+DoRA adapters run one segment at a time through ``LoraAdapter.delta``.
 
 Variants are small pieces on top of plain LoRA, with PEFT's math so adapters load there:
 - rsLoRA: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``;
@@ -39,6 +43,9 @@ class Segment:
     length: int | None = None
     # Seeds this micro-batch's dropout masks (with each layer's name); None: no dropout.
     dropout_seed: int | None = None
+    # (rows, length) bool: the job's real (non-padding) tokens; MixLoRA routes and takes its
+    # router losses over these only (engine.mixlora.prepare_router_batch sets it).
+    token_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -166,13 +173,42 @@ class LoraAdapter(nn.Module):
 
 def _dropout_mask(x: torch.Tensor, keep: float, generator: torch.Generator,
                   length: int | None) -> torch.Tensor:
-    """A Bernoulli keep-mask; only the first ``length`` positions draw random numbers."""
-    if length is None or x.dim() < 3 or length >= x.shape[1]:
-        return torch.empty_like(x).bernoulli_(keep, generator=generator)
-    drawn = torch.empty_like(x[:, :length]).bernoulli_(keep, generator=generator)
-    # Positions past the job's own length are padding for this job: nothing reads them.
-    rest = torch.ones_like(x[:, length:])
-    return torch.cat([drawn, rest], dim=1)
+    """A float32 0/1 keep-mask shaped like ``x``; only the first ``length`` positions draw."""
+    mask = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    drawn = mask
+    if length is not None and x.dim() >= 3 and length < x.shape[1]:
+        mask[:, length:] = 1.0
+        drawn = mask[:, :length]
+    bits = _draw_bits(drawn.shape, generator, mask.device)
+    torch.lt(_halves(bits, drawn.shape[-1]), _keep_threshold(keep), out=drawn)
+    return mask
+
+
+# How a keep-mask is drawn (one segment's region, shape (..., n)): 64-bit draws shaped
+# (..., ceil(n / 2)), whose two 32-bit halves give two elements of a row (a row of odd n
+# leaves one half unused), each kept where it is below keep * 2**32 - 2**31 (the keep
+# probability is exact to 2**-32). Two elements per draw: half the random-number work of
+# one draw per element, which is most of a mask's cost on CPU.
+
+
+
+def _draw_bits(shape: tuple, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    bits = torch.empty(tuple(shape[:-1]) + ((shape[-1] + 1) // 2,), dtype=torch.int64,
+                       device=device)
+    return bits.random_(-2 ** 63, None, generator=generator)
+
+
+def _halves(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The 32-bit halves of 64-bit draws, n per row."""
+    return bits.view(torch.int32)[..., :n]
+
+
+def _keep_threshold(keep: float) -> int:
+    return min(round(keep * 2 ** 32), 2 ** 32 - 1) - 2 ** 31
+
+
+def _seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class MultiLoraLinear(nn.Module):
@@ -199,29 +235,127 @@ class MultiLoraLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
+        # A plain nn.Linear runs on the rows flattened to 2-D: its output is then a tensor of
+        # its own (no view), to which the adapters' deltas can be added in place, without a
+        # copy of the output (autograd allows it: a linear's backward does not read its
+        # output). Other bases (bitsandbytes) run as they are and get out-of-place additions.
+        flat = None
+        if type(self.base) is nn.Linear:
+            flat = self.base(x.reshape(-1, x.shape[-1]))
+            base_out = flat.view(*x.shape[:-1], flat.shape[-1])
+        else:
+            base_out = self.base(x)
         layout = self.layout
         if layout.single is not None:
             adapter = self.adapters[layout.single] if layout.single in self.adapters else None
             if adapter is None:
                 return base_out
-            return base_out + adapter.delta(x, base_out, self.base, None).to(base_out.dtype)
-        if not any(s.adapter in self.adapters for s in layout.segments):
+            if adapter.use_dora:
+                return base_out + adapter.delta(x, base_out, self.base, None).to(base_out.dtype)
+            return _add_low_rank(base_out, x.float(), adapter.lora_A, adapter.lora_B,
+                                 adapter.scaling, flat)
+        work = [(seg, self.adapters[seg.adapter]) for seg in layout.segments
+                if seg.adapter is not None and seg.adapter in self.adapters]
+        if not work:
             return base_out
-        pieces = []
-        for seg in layout.segments:
-            rows = base_out[seg.start:seg.end]
-            adapter = self.adapters[seg.adapter] if seg.adapter in self.adapters else None
-            if adapter is not None:
-                generator = None
-                if seg.dropout_seed is not None and adapter.dropout_p > 0:
-                    generator = torch.Generator(device=x.device).manual_seed(
-                        mix_seed(seg.dropout_seed, self.name_key))
-                delta = adapter.delta(x[seg.start:seg.end], rows, self.base, generator,
-                                      seg.length)
-                rows = rows + delta.to(rows.dtype)
-            pieces.append(rows)
-        return torch.cat(pieces, dim=0)
+        out = base_out
+        plain = [(seg, adapter) for seg, adapter in work if not adapter.use_dora]
+        if plain:
+            # In place only where no DoRA segment still has to read base_out.
+            out = self._grouped_lora(x, base_out, plain,
+                                     flat if len(plain) == len(work) else None)
+        # DoRA (its own base-weight math) one segment at a time, on the base output.
+        deltas = [(seg.start, seg.end,
+                   adapter.delta(x[seg.start:seg.end], base_out[seg.start:seg.end], self.base,
+                                 self._generator(seg, adapter, x.device), seg.length))
+                  for seg, adapter in work if adapter.use_dora]
+        return _add_rows(out, deltas) if deltas else out
+
+    def _generator(self, seg: Segment, adapter: LoraAdapter,
+                   device: torch.device) -> torch.Generator | None:
+        """The generator of this segment's dropout mask in this layer; None: no dropout."""
+        seed = self._dropout_seed(seg, adapter)
+        return None if seed is None else _seeded_generator(device, seed)
+
+    def _dropout_seed(self, seg: Segment, adapter: LoraAdapter) -> int | None:
+        if seg.dropout_seed is None or adapter.dropout_p <= 0:
+            return None
+        return mix_seed(seg.dropout_seed, self.name_key)
+
+    def _grouped_lora(self, x: torch.Tensor, base_out: torch.Tensor,
+                      plain: list[tuple[Segment, LoraAdapter]],
+                      flat: torch.Tensor | None = None) -> torch.Tensor:
+        """base_out plus every plain-LoRA segment's delta on its own rows.
+
+        Each segment is two small matmuls with its own adapter's A and B only: a row never
+        meets another adapter's weights. That is what keeps one job's fault in that job: a
+        block layout that multiplies every row by every adapter and zeroes the foreign
+        columns would spread a NaN or inf of one adapter to all rows (0 x NaN = NaN), and
+        it costs N times the low-rank work for no gain in time on CPU (measured).
+        ``flat``: base_out's own 2-D tensor, to which the deltas may be added in place
+        (no copy of the output, no concatenation).
+        """
+        deltas = []
+        per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
+        for seg, adapter in plain:
+            xs = x[seg.start:seg.end].float()
+            scale = adapter.scaling
+            seed = self._dropout_seed(seg, adapter)
+            if seed is not None:
+                keep = 1.0 - adapter.dropout_p
+                xs = xs * _dropout_mask(xs, keep, _seeded_generator(x.device, seed),
+                                        seg.length)
+                scale = scale / keep          # on the rank-r side: cheaper than on x
+            if flat is not None:
+                rows = flat[seg.start * per_row:seg.end * per_row]
+                _add_low_rank(rows, xs, adapter.lora_A, adapter.lora_B, scale, rows)
+            else:
+                h = F.linear(xs, adapter.lora_A) * scale
+                deltas.append((seg.start, seg.end, F.linear(h, adapter.lora_B)))
+        if flat is not None:
+            return flat.view(base_out.shape)
+        return _add_rows(base_out, deltas)
+
+
+def _add_low_rank(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scale: float | torch.Tensor,
+                  flat: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + ((x @ A^T) * scale) @ B^T``: the adapter math in fp32, its result rounded to
+    base's dtype and added there (adding an fp32 delta to a bf16 tensor directly rounds once
+    but costs 1.2-1.35x the whole layer's time on CPU).
+
+    With an fp32 base the second matmul and the addition are one ``addmm``. ``flat``: the
+    2-D tensor that ``base`` views, which may be updated in place (then returned as base's
+    shape).
+    """
+    h = F.linear(x, lora_A) * scale
+    if flat is not None and flat.is_contiguous():
+        h = h.reshape(-1, h.shape[-1])
+        if flat.dtype == torch.float32:
+            flat.addmm_(h, lora_B.t())
+        else:
+            flat.add_(F.linear(h, lora_B).to(flat.dtype))
+        return flat.view(base.shape)
+    if base.dtype == torch.float32 and h.dim() >= 2:
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          lora_B.t())
+        return out.view(base.shape)
+    return base + F.linear(h, lora_B).to(base.dtype)
+
+
+def _add_rows(out: torch.Tensor, deltas: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """``out`` with each delta added on its rows [start, end) (ranges disjoint)."""
+    if len(deltas) == 1 and deltas[0][0] == 0 and deltas[0][1] == out.shape[0]:
+        return out + deltas[0][2].to(out.dtype)
+    pieces, at = [], 0
+    for start, end, delta in sorted(deltas, key=lambda d: d[0]):
+        if start > at:
+            pieces.append(out[at:start])
+        pieces.append(out[start:end] + delta.to(out.dtype))
+        at = end
+    if at < out.shape[0]:
+        pieces.append(out[at:])
+    return torch.cat(pieces, dim=0)
 
 
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
