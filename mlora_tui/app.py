@@ -157,7 +157,7 @@ class MonitorScreen(Screen):
             self.adapter_pane.show(job)
             self.loss_chart.show(jobs, self.selected, self.overlay)
             self.backend_pane.show(state.model, state.engine, state.resource, self.gpu_report,
-                                   state.output_dir)
+                                   state.output_dir, state.last_batch)
             self.log_pane.sync(state)
             self.jobs_pane.border_title = (f"Jobs · filter '{self.name_filter}'"
                                            if self.name_filter else "Jobs")

@@ -114,6 +114,7 @@ class EngineState:
         self.logs: deque[LogLine] = deque(maxlen=self.max_logs)
         self.log_count = 0        # lines ever logged, so a view appends only the new ones
         self.resource: dict[str, Any] | None = None
+        self.last_batch: dict[str, Any] | None = None   # the newest ``batch`` event
         self.last_seq = 0
         self.exit_reason: str | None = None    # from the engine's last event, engine_exit
 
@@ -258,6 +259,9 @@ class EngineState:
         self.exit_reason = str(ev.get("reason") or f"code {code}")
         self._log(ev, "info" if code == 0 else "error",
                   f"engine exited (code {code}): {self.exit_reason}")
+
+    def _on_batch(self, ev: dict[str, Any]) -> None:
+        self.last_batch = {k: v for k, v in ev.items() if k != "type"}
 
     def _on_resource(self, ev: dict[str, Any]) -> None:
         self.resource = {k: v for k, v in ev.items() if k != "type"}

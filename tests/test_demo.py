@@ -46,8 +46,11 @@ def test_demo_trains_three_adapters_and_generates(tmp_path):
 
     metrics = (tmp_path / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in metrics] == events
-    checkpoint = tmp_path / "runs" / "demo" / "sentiment" / "checkpoints" / "step-4"
+    # The run ends after 4 batched steps with a checkpoint of every job at that step.
+    checkpoint = tmp_path / "runs" / "demo" / "checkpoints" / "step-4" / "sentiment"
     assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert {e["job"]: e["path"] for e in events if e["type"] == "checkpoint"}["sentiment"] \
+        == str(checkpoint.resolve())
 
     proc = _mlora("generate", "--adapter", str(checkpoint), "--max-new-tokens", "4",
                   "Classify the sentiment of the review as positive or negative.",

@@ -311,3 +311,17 @@ def test_plot_overlay_gives_each_series_its_cells_and_style():
     styles = {str(span.style) for line in lines for span in line.spans}
     assert {"red", "blue"} <= styles
     assert plot([], width=20, height=5, x_max=10)[0].plain.strip() == "no loss yet"
+
+
+def test_the_last_batch_shows_where_the_step_time_went():
+    from mlora_tui.widgets.backend_pane import phase_shares, step_summary
+
+    state = EngineState()
+    state.apply_event({"type": "batch", "seq": 1, "jobs": ["a", "b", "c"], "rows": 6,
+                       "tokens": 412, "padding": 0.123, "passes": 2,
+                       "seconds": {"data": 0.01, "forward": 0.3, "backward": 0.5,
+                                   "optimizer": 0.19, "events": 0.0}})
+    batch = state.last_batch
+    assert step_summary(batch) == "1.00 s · 3 jobs · 412 tok · 12% pad · 2 passes"
+    assert phase_shares(batch["seconds"]) == "bwd 50% fwd 30% opt 19% data 1%"
+    assert phase_shares({}) == "N/A"
