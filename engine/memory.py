@@ -4,48 +4,69 @@
 same estimate by component. ``model`` is a Hugging Face config (a ``config.json`` dict, a
 ``PretrainedConfig``, or anything with those attribute names) of a LLaMA-style decoder
 (q/k/v/o projections, a gated MLP of gate/up/down, RMSNorm); ``jobs`` are ``JobLoad``s, one
-per adapter in the step (its micro-batch rows, their padded length, rank, targets).
+per adapter in the step (its micro-batch rows, their padded length, rank, targets, target
+tokens). It compares with ``torch.cuda.max_memory_allocated`` on CUDA and with the
+process's peak resident set size (VmHWM) on CPU.
 
 What is counted (bytes; ``b`` = bytes per base-weight element, 2 for bf16/fp16, 4 for fp32;
 ``h`` hidden size, ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``I`` MLP width,
-``V`` vocabulary, ``L`` layers, ``P`` token positions run through the decoder):
+``V`` vocabulary, ``L`` layers, ``P`` token positions run through the decoder in a pass):
 
 * **weights**: every base parameter x ``b`` (tied embeddings counted once).
 * **adapters**: LoRA parameters ``L x sum over targets of r x (in + out)``, fp32: weights 4,
   gradients 4, AdamW's two moments 8 bytes per parameter (SGD: momentum 4 or nothing).
-  ``engine``: every job's gradients exist at once (one batched backward); ``peft``: all
-  adapters' weights and optimizer states stay resident, gradients of one adapter at a time.
+  ``engine``: every job's gradients exist at once; ``peft``: all adapters' weights and
+  optimizer states stay resident, the gradients of one adapter at a time.
 * **activations** saved for the backward pass, per position per layer:
   - the two RMSNorms keep their fp32 upcast of the input: ``2 x 4h``;
   - SDPA keeps q, k, v and its output in the base dtype: ``b x (2q + 2kv')``, where
     ``kv' = q`` when the model has fewer KV heads than heads (transformers repeats k and v
     for SDPA whenever an attention mask is passed, as padded batches do) else ``kv``;
-    eager attention also keeps the softmax probabilities: ``heads x seq x (4 + b)``;
+    eager attention also keeps the softmax probabilities: ``heads x width x (4 + b)``;
   - the gated MLP keeps gate and up outputs and SiLU(gate): ``3 x I x b``;
-  - each targeted linear keeps the fp32 copy of its input for ``x @ A.T``, and with
-    dropout the dropout mask: ``engine`` an fp32 mask (``8 x in``), ``peft`` a bool mask
-    (``5 x in``); without dropout ``4 x in``;
-  - frozen base linears keep nothing (their weight gradient is never needed).
-  The engine pads every row of a step to the step's longest row, so ``P = rows x that
-  width`` over all jobs; PEFT runs one adapter at a time on its own rows and width (the peak
-  is that of the largest). With gradient checkpointing only each block's input is kept
-  (``b x h`` per position per layer) and one block is recomputed at a time.
-* **backward working set**: one more layer's activations, a heuristic for the gradients
-  and temporaries alive while a block's backward runs.
-* **head / loss**: ``engine`` runs lm_head on target positions only (``T`` of them) and
-  keeps each job's fp32 log-softmax until backward: ``4 x V x T_all``, plus the backward
-  temporaries of the largest job, ``8 x V x T_job``. ``peft`` (Hugging Face's
-  ``labels=`` loss) computes logits for every position: the logits (``b``), their fp32
-  log-softmax (4) and the gradients of the loss backward (8): ``(b + 12) x V x P``.
-* **runtime**: what the process holds besides tensors. CPU resident-set size of Python
-  with torch, transformers, peft and the tokenizer loaded, measured at about 0.45 GiB on
-  the development machines (``CPU_RUNTIME_BYTES``); on CUDA 0, because the comparison is
-  with ``torch.cuda.max_memory_allocated``, which leaves out the CUDA context (about
-  0.5 GiB per process more in ``nvidia-smi``) and the caching allocator's reserve.
+  - each targeted linear keeps the fp32 copy of its input for ``x @ A.T`` (``4 x in``)
+    and, with dropout, the dropout mask: fp32 in the engine and in torch's CPU dropout
+    (``8 x in`` in all), bool in CUDA's fused dropout (PEFT on CUDA: ``5 x in``);
+  - frozen base linears keep nothing (their weight gradient is never needed);
+  plus the 4-D boolean attention mask, ``rows x width^2``.
+  The engine pads the rows of a pass to the pass's longest row: ``P = rows x width``
+  over the pass's jobs (``passes``: the engine may split a step into several passes,
+  ``engine.trainer.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
+  on its own rows and width (the largest counts). With gradient checkpointing only each
+  block's input is kept (``b x h`` per position per layer), plus one recomputed block.
+* **backward working set**: one more layer's activations (the gradients and temporaries
+  alive while a block's backward runs).
+* **head / loss**: ``engine`` (engine/loss.py) runs the LM head on target positions only,
+  ``head_chunk`` positions at a time, computing the loss and its gradient at once: one
+  chunk's logits, fp32 logits/log-softmax and bf16 gradient, ``(8 + b) x V x chunk``, plus
+  the kept gradient and gathered hidden states, ``2b x h`` per target. ``peft`` (Hugging
+  Face's ``labels=`` loss) computes logits for every position and keeps them (``b``) and
+  their fp32 log-softmax (4) through the backward, which adds the loss gradient and the
+  log-softmax gradient (4 + 4): ``(b + 12) x V x P``; and the final norm's upcast, ``4h``.
+* **CPU only**: ``allocator`` = ``CPU_ALLOCATOR_FACTOR - 1`` times the step's tensors
+  (activations, backward, head): what glibc's malloc keeps resident after tensors are
+  freed; ``runtime`` = ``CPU_RUNTIME_BYTES``, the resident size of Python with torch,
+  transformers, peft and the tokenizer. On CUDA both are 0: ``max_memory_allocated``
+  leaves out the CUDA context (about 0.5 GiB per process more in ``nvidia-smi``) and the
+  caching allocator's reserve (``max_memory_reserved``).
 
 Not counted: quantized weights (4/8-bit), DoRA's weight-norm temporaries, optimizer
-``foreach`` temporaries, allocator fragmentation. Validated against measured peaks with
-``bench/bench.py`` (see BENCHMARKS.md, "How the numbers are measured").
+``foreach`` temporaries, MixLoRA experts.
+
+Validation (2026-11-28, CPU, bf16, torch 2.13; no GPU yet): the tensor part
+(activations + backward + head) against the growth of the resident set during a step with
+malloc returning every freed block (``MALLOC_MMAP_THRESHOLD_=65536
+MALLOC_TRIM_THRESHOLD_=0``), SmolLM2-135M shape, 2 rows of 178-256 tokens per adapter:
+engine with 1 adapter 697/416 MiB measured vs 706/423 estimated, with 2 adapters
+1257/801 vs 1265/812; PEFT with 2 adapters 884/616 vs 895/623 (within 2%). Whole-process
+peak RSS in ``bench/bench.py`` runs with default malloc (tiny and SmolLM2 shapes, N = 1,
+2, 4, 2 rows per adapter): engine -9% to +5%, N PEFT processes -3% to +3%, one PEFT
+process holding N adapters -1% to -10% up to N = 2 but -10% (SmolLM2) and -25% (tiny) at
+N = 4: such a process runs N differently shaped steps per step, and its resident set grows
+by tens of MiB per step with new shapes (oneDNN's primitive cache is part of it), which
+this estimate does not model. fp32 with gradient checkpointing and eager attention (tiny
+shape): +5% to +18%. The CUDA figures follow the same counts (PEFT's dropout mask as bool)
+and are unchecked.
 """
 
 from __future__ import annotations
