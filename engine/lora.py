@@ -287,25 +287,61 @@ class MultiLoraLinear(nn.Module):
                       flat: torch.Tensor | None = None) -> torch.Tensor:
         """base_out plus every plain-LoRA segment's delta on its own rows.
 
-        Each segment is two small matmuls with its own adapter's A and B only: a row never
-        meets another adapter's weights. That is what keeps one job's fault in that job: a
-        block layout that multiplies every row by every adapter and zeroes the foreign
-        columns would spread a NaN or inf of one adapter to all rows (0 x NaN = NaN), and
-        it costs N times the low-rank work for no gain in time on CPU (measured).
-        ``flat``: base_out's own 2-D tensor, to which the deltas may be added in place
-        (no copy of the output, no concatenation).
+        Segments that follow each other with the same number of rows and the same rank run
+        as one batched matmul pair (``torch.bmm`` over the stacked segments and their
+        adapters' stacked A and B, one in-place addition); the others one at a time. Either
+        way a row meets only its own adapter's weights. That is what keeps one job's fault
+        in that job: a block layout that multiplies every row by every adapter and zeroes
+        the foreign columns would spread a NaN or inf of one adapter to all rows
+        (0 x NaN = NaN). ``flat``: base_out's own 2-D tensor, to which the deltas may be
+        added in place (no copy of the output, no concatenation).
         """
         deltas = []
         per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
-        for seg, adapter in plain:
-            xs = x[seg.start:seg.end].float()
-            scale = adapter.scaling
-            seed = self._dropout_seed(seg, adapter)
-            if seed is not None:
-                keep = 1.0 - adapter.dropout_p
-                xs = xs * _dropout_mask(xs, keep, _seeded_generator(x.device, seed),
-                                        seg.length)
-                scale = scale / keep          # on the rank-r side: cheaper than on x
+        runs = _stackable_runs(plain) if flat is not None else [[item] for item in plain]
+        for run in runs:
+            if len(run) > 1:
+                # One (segments, rows x positions, features) batch for all of the run: a
+                # view of x where it is fp32 and nothing is dropped out.
+                start, end = run[0][0].start, run[-1][0].end
+                xs = x[start:end].float()
+                scales, masks = [], []
+                for seg, adapter in run:
+                    seed = self._dropout_seed(seg, adapter)
+                    if seed is None:
+                        masks.append(None)
+                        scales.append(adapter.scaling)
+                        continue
+                    keep = 1.0 - adapter.dropout_p
+                    region = xs[seg.start - start:seg.end - start]
+                    masks.append(_dropout_mask(region, keep,
+                                               _seeded_generator(x.device, seed), seg.length))
+                    scales.append(adapter.scaling / keep)
+                if any(m is not None for m in masks):
+                    xs = xs * torch.cat([torch.ones_like(xs[seg.start - start:seg.end - start])
+                                         if m is None else m
+                                         for (seg, _), m in zip(run, masks)])
+                xs = xs.reshape(len(run), -1, xs.shape[-1])
+                lora_A = torch.stack([adapter.lora_A for _, adapter in run])
+                lora_B = torch.stack([adapter.lora_B for _, adapter in run])
+                scale = torch.tensor(scales, dtype=torch.float32, device=xs.device)
+                h = torch.bmm(xs, lora_A.transpose(1, 2)) * scale.view(-1, 1, 1)
+                delta = torch.bmm(h, lora_B.transpose(1, 2))
+                rows = flat[start * per_row:end * per_row]
+                rows.add_(delta.reshape(rows.shape).to(rows.dtype))
+                continue
+            pieces = []
+            for seg, adapter in run:
+                xs = x[seg.start:seg.end].float()
+                scale = adapter.scaling
+                seed = self._dropout_seed(seg, adapter)
+                if seed is not None:
+                    keep = 1.0 - adapter.dropout_p
+                    xs = xs * _dropout_mask(xs, keep, _seeded_generator(x.device, seed),
+                                            seg.length)
+                    scale = scale / keep          # on the rank-r side: cheaper than on x
+                pieces.append((xs, scale))
+            (seg, adapter), (xs, scale) = run[0], pieces[0]
             if flat is not None:
                 rows = flat[seg.start * per_row:seg.end * per_row]
                 _add_low_rank(rows, xs, adapter.lora_A, adapter.lora_B, scale, rows)
@@ -315,6 +351,20 @@ class MultiLoraLinear(nn.Module):
         if flat is not None:
             return flat.view(base_out.shape)
         return _add_rows(base_out, deltas)
+
+
+def _stackable_runs(plain: list[tuple[Segment, LoraAdapter]]) -> list[list]:
+    """``plain`` in row order, cut into runs of back-to-back segments of equal row counts
+    and ranks (each run one batched matmul pair)."""
+    runs: list[list] = []
+    for seg, adapter in sorted(plain, key=lambda item: item[0].start):
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last[0].end == seg.start and last[1].r == adapter.r
+                and last[0].end - last[0].start == seg.end - seg.start):
+            runs[-1].append((seg, adapter))
+        else:
+            runs.append([(seg, adapter)])
+    return runs
 
 
 def _add_low_rank(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,

@@ -196,6 +196,11 @@ _LAYOUTS = {
                                ("c", 1, 7, 5), (None, 2, 3, None)],
     "dora only": [("c", 2, 7, 1), ("e", 2, 6, None)],
     "adapter not on this layer": [("a", 2, 7, 1), ("zz", 2, 7, 2)],
+    # Back-to-back segments of equal rows and rank run as one batched matmul pair.
+    "stacked, dropout on some": [("a", 2, 7, 1), ("d", 2, 5, 2), ("a", 2, 6, None),
+                                 ("b", 2, 7, 3)],
+    "stacked, no dropout": [("d", 2, 7, None), ("a", 2, 7, None), (None, 1, 7, None),
+                            ("d", 2, 4, None), ("a", 2, 7, None)],
     "one adapter, no dropout": [("b", 3, 7, 1)],
     "one adapter, dropout": [("a", 3, 5, 1)],
     "single plain": ("single", "b"),
@@ -366,3 +371,24 @@ def test_grouped_masks_equal_each_segments_own(width):
                                       ("b", 1, 7, 3), ("a", 1, 2, 4)])
     x = torch.randn(rows, 7, width, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(layer(x), _reference_forward(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout_name", ["stacked, dropout on some", "stacked, no dropout",
+                                         "mixed ranks, dropout on some"])
+def test_a_nan_adapter_leaves_the_other_rows_untouched(layout_name):
+    """One adapter's weights are NaN: its rows are NaN, every other row is exactly what it
+    is without that adapter's rows in the batch (a fault stays in its job)."""
+    spec = _LAYOUTS[layout_name]
+    layer = _layer()
+    rows = _set_layout(layer.layout, spec)
+    x = torch.randn(rows, 7, 12, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        clean = layer(x)
+        layer.adapters["a"].lora_A.fill_(float("nan"))
+        dirty = layer(x)
+    for seg in layer.layout.segments:
+        part = dirty[seg.start:seg.end]
+        if seg.adapter == "a":
+            assert torch.isnan(part).all()
+        else:
+            torch.testing.assert_close(part, clean[seg.start:seg.end], rtol=0, atol=0)

@@ -28,26 +28,10 @@ from engine import adapters as adapters_module
 from engine import checkpoint as ckpt
 from engine.errors import DataError, UserError
 from engine.trainer import Engine
-from test_engine_exactness import _rows, _run_config, _three_adapters
-from tiny_models import build_tiny_model
+# The same tiny model and data files as the exactness tests (module-scoped fixtures).
+from test_engine_exactness import _run_config, _three_adapters, data_files, tiny_llama  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return build_tiny_model("llama", tmp_path_factory.mktemp("llama") / "model")
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("data")
-    files = {}
-    for i, name in enumerate(("a", "b", "c")):
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in _rows(10 + 3 * i, seed=i)))
-        files[name] = str(path)
-    return files
 
 
 def _weights(engine: Engine, name: str) -> dict[str, torch.Tensor]:
