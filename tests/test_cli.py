@@ -653,3 +653,21 @@ def test_generate_with_a_bad_adapter_folder_exits_2(tmp_path, trained, monkeypat
                     tmp_path / "no-such-model", "hello")
     assert result.exit_code == 2
     assert "no-such-model" in result.stderr
+
+
+def test_run_resume_continues_a_stopped_run_and_plain_run_refuses_it(tmp_path, tiny_llama):
+    """`mlora run --max-steps 2`, then `mlora run` again is refused (the folder holds that
+    run), `mlora run --resume` continues it to the end, from its checkpoint."""
+    config = write_run(tmp_path / "job", tiny_llama, epochs=2)
+    first = mlora("run", str(config), "--json", "--max-steps", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = mlora("run", str(config), "--json", cwd=tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr
+    resumed = mlora("run", str(config), "--json", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    (event,) = [e for e in events if e["type"] == "resumed"]
+    assert event["engine_step"] == 2
+    ends = [e for e in events if e["type"] == "run_end"]
+    assert ends and all(job["state"] == "done" for job in ends[-1]["jobs"].values())
