@@ -54,6 +54,10 @@ def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike |
     running = find_engine(output_dir=output_dir)
     if running is not None:
         return running
+    # A new engine must not append to another run's folder (`mlora run` checked this
+    # already, and set an old run aside with --overwrite; `mlora-tui CONFIG` did not).
+    from engine.outputs import check_output_dir
+    check_output_dir(run_config, resume=resume, overwrite=False)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(os.path.abspath(log_to or output_dir / "engine.log"))

@@ -882,3 +882,22 @@ def test_mlora_run_refuses_a_loose_runtime_dir_before_starting(monkeypatch, work
                       f"chmod 700 {loose}")
     assert sorted(p.name for p in loose.iterdir()) == []    # no socket, no record
     assert not (workdir / "out").exists()
+
+
+def test_the_launcher_refuses_a_folder_with_another_run_for_the_tui_too(tmp_path):
+    """`mlora-tui CONFIG` starts its engine through ensure_engine, which checks the folder
+    as `mlora run` does (nothing is started, the old run is untouched)."""
+    from mlora_tui.launcher import ensure_engine
+
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "engine.json").write_text("{}")
+    config = tmp_path / "run.toml"
+    (tmp_path / "model").mkdir()   # never loaded: the check comes before any engine
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    config.write_text(f'[model]\nbase_model = "{tmp_path / "model"}"\n[train]\n'
+                      f'output_dir = "{out}"\n[[adapter]]\nname = "a"\ndata = "data.jsonl"\n')
+    with pytest.raises(UserError, match="already holds a run"):
+        ensure_engine(config, timeout=5)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]

@@ -296,8 +296,12 @@ def test_quit_leaves_the_engine_and_stop_ends_it_then_the_tui_finds_the_next_one
             status = str(app.screen.status_bar.render())
             assert "engine disconnected" in status and "last update" in status
             assert "stop requested by a client" in status
-            # The same run started again: a new process, pid and socket.
-            second = await asyncio.to_thread(ensure_engine, config)
+            # The same run continued: a new process, pid and socket. (Without resume the
+            # folder, which holds that run, is refused.)
+            from engine.errors import UserError
+            with pytest.raises(UserError, match="already holds a run"):
+                ensure_engine(config)
+            second = await asyncio.to_thread(ensure_engine, config, resume=True)
             try:
                 assert second.pid != record.pid
                 await until(pilot, lambda: app.state.connection == CONNECTED and
