@@ -760,7 +760,7 @@ class Engine:
         self.layout.set_segments(segments)
         # MixLoRA hook: token masks on its segments; record router losses in this forward.
         prepare_router_batch(self.model, segments, attention, self.device)
-        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        input_ids = input_ids.to(self.device)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),
                               use_cache=False).last_hidden_state
         router = router_losses(self.model)  # MixLoRA: {job: router loss of this micro-batch}
@@ -812,13 +812,18 @@ class Engine:
 
         Only target positions go through the LM head, a chunk of tokens at a time, so
         full-vocabulary logits never exist for prompts, padding or other jobs' rows, nor for
-        more than a chunk of tokens at once (engine/loss.py).
+        more than a chunk of tokens at once (engine/loss.py). ``labels`` stay on the CPU:
+        the target positions are found there, so the device never waits for the host.
         """
         shifted = labels[:, 1:]
-        mask = shifted != IGNORE_INDEX
-        selected = hidden[:, :-1][mask]
-        return (chunked_head_loss(selected, self.lm_head, shifted[mask], self.softcap),
-                int(mask.sum()))
+        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        # Position (row, col) predicts label (row, col + 1): its index in the flat rows.
+        where = rows * hidden.shape[1] + cols
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(
+            0, where.to(hidden.device, non_blocking=True))
+        targets = shifted[rows, cols].to(hidden.device, non_blocking=True)
+        return (chunked_head_loss(selected, self.lm_head, targets, self.softcap),
+                int(where.numel()))
 
     @torch.no_grad()
     def evaluate(self, job: Job) -> float | None:
@@ -833,7 +838,7 @@ class Engine:
             hidden = self.decoder(input_ids=ids.to(self.device),
                                   attention_mask=attention.to(self.device),
                                   use_cache=False).last_hidden_state
-            loss_sum, n = self._token_loss_sum(hidden, labels.to(self.device))
+            loss_sum, n = self._token_loss_sum(hidden, labels)
             total += float(loss_sum)
             count += n
         return total / count if count else None
