@@ -68,6 +68,18 @@ def load_keymap(path: Path, known_ids: set[str]) -> dict[str, str]:
     return data
 
 
+def _check_output_dir(run_config, resume: bool) -> None:
+    """Refuse, before the screen opens, to start an engine into a folder that holds another
+    run (unless resuming it); attaching to the engine already running it is fine."""
+    import os
+
+    from engine.outputs import check_output_dir
+    from engine.runtime import find_engine
+
+    if find_engine(output_dir=os.path.abspath(run_config.train.output_dir)) is None:
+        check_output_dir(run_config, resume=resume, overwrite=False)
+
+
 @cli.command(help="Watch and steer the LoRA jobs of an engine in a terminal UI.\n\n"
                   "With CONFIG, start its engine (or attach to the one already running it); "
                   "with --attach, attach to a running engine; with neither, attach to the "
@@ -83,6 +95,10 @@ def main_command(
         help="A TOML file of binding_id = \"key\" lines that remap keys (default: "
              "$XDG_CONFIG_HOME/mlora-tui/keymap.toml when it exists; ? shows the ids' keys).",
         show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With CONFIG: continue its run from the newest checkpoint (after a "
+                         "crash, a kill or a stop) instead of refusing a folder that holds "
+                         "it.")] = False,
 ) -> None:
     if config is not None and attach is not None:
         _fail("give a CONFIG or --attach NAME, not both")
@@ -93,8 +109,9 @@ def main_command(
         if config is not None:
             from engine.config import load_config
 
-            load_config(config)        # a typo is reported here, before the screen opens
-            locate = lambda: ensure_engine(config)  # noqa: E731 (runs in a worker)
+            run_config = load_config(config)   # a typo is reported here, before the screen
+            _check_output_dir(run_config, resume)  # as is a folder holding another run
+            locate = lambda: ensure_engine(config, resume=resume)  # noqa: E731 (in a worker)
             target = None
         else:
             record = attach_target(attach)

@@ -901,3 +901,22 @@ def test_the_launcher_refuses_a_folder_with_another_run_for_the_tui_too(tmp_path
     with pytest.raises(UserError, match="already holds a run"):
         ensure_engine(config, timeout=5)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_mlora_tui_refuses_a_folder_with_another_run_before_its_screen_opens(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "engine.json").write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"type": "step", "job": "a"}) + "\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f'[model]\nbase_model = "{tmp_path / "model"}"\n[train]\n'
+                      f'output_dir = "{out}"\n[[adapter]]\nname = "a"\ndata = "data.jsonl"\n')
+    proc = subprocess.run([sys.executable, "-m", "mlora_tui.tui_entry", str(config)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TERM": "dumb"})
+    assert proc.returncode == 2, proc.stderr
+    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
