@@ -125,6 +125,10 @@ QUANTIZE = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 # Adapter names become folder names under output_dir, so keep them filesystem-safe.
+# Files and folders of a run (output_dir) and of a checkpoint (checkpoints/step-K), beside
+# the adapters' own folders: an adapter may not take their names.
+RESERVED_ADAPTER_NAMES = {"checkpoints", "metrics.jsonl", "engine.log", "run.json",
+                          "engine.json", "rng.pt"}
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Only the linear layers inside decoder blocks can carry an adapter.
 UNSUPPORTED_TARGETS = ("lm_head", "embed_tokens")
@@ -399,6 +403,10 @@ def _parse_adapter(raw: Any, position: int, source: str, train: TrainConfig,
         raise where.error("name", "expected 1-64 characters from letters, digits, '_', '.', '-', "
                                   f"starting with a letter or digit (it becomes a folder name), "
                                   f"got {_show(kwargs['name'])}")
+    if (kwargs["name"].lower() in RESERVED_ADAPTER_NAMES
+            or kwargs["name"].lower().startswith("replaced-")):
+        raise where.error("name", f"{_show(kwargs['name'])} is the name of a file or folder the "
+                                  "run writes beside the adapters' folders; choose another name")
     adapter = AdapterConfig(**kwargs)
     _apply_rules(adapter, _ADAPTER_RULES, where, raw)
     _check_adapter_combinations(adapter, where)
