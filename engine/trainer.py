@@ -977,7 +977,14 @@ class Engine:
             param.grad = grad.to(param.device) if grad is not None else None
 
     def _finish(self, job: Job) -> None:
-        eval_loss = self.evaluate(job)
+        try:
+            eval_loss = self.evaluate(job)
+        except torch.OutOfMemoryError:
+            self._free_memory()
+            eval_loss = None
+            self.log(f"{job.name}: out of memory while evaluating; its adapter is saved "
+                     "without an eval_loss (lower micro_batch_size to evaluate)",
+                     level="warning")
         if eval_loss is not None:
             job.eval_loss = eval_loss
             self.emit("eval", job=job.name, step=job.step, eval_loss=eval_loss)
