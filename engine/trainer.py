@@ -784,8 +784,9 @@ class Engine:
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
         clock.lap("backward")
         losses = {}
-        for (job, _indices, _chunk), seg, job_loss in zip(group, segments, job_losses):
-            value = float(job_loss.detach())
+        # One device-to-host copy for the pass's losses (one wait, not one per job).
+        values = torch.stack([loss.detach().float() for loss in job_losses]).tolist()
+        for (job, _indices, _chunk), seg, value in zip(group, segments, values):
             if math.isfinite(value):
                 job.record_micro_batch(value, int(attention[seg.start:seg.end].sum()))
             losses[job.name] = value
