@@ -85,10 +85,14 @@ def row_step(screen: str, job: str) -> int | None:
 
 
 def chart_columns(screen: str) -> list[int]:
-    """Columns (from the y axis) in which the loss chart has a dot."""
+    """Columns (from the y axis) in which the loss chart has a dot (none while the chart is
+    not drawn whole: a capture can catch the screen mid-redraw)."""
     lines = screen.splitlines()
-    top = next(i for i, line in enumerate(lines) if "Loss ·" in line)
-    axis_line = next(i for i in range(top, len(lines)) if "└" in lines[i])
+    top = next((i for i, line in enumerate(lines) if "Loss ·" in line), None)
+    axis_line = (None if top is None else
+                 next((i for i in range(top, len(lines)) if "└" in lines[i]), None))
+    if axis_line is None:
+        return []
     axis = lines[axis_line].index("└")
     columns = set()
     for line in lines[top + 1:axis_line]:
