@@ -79,7 +79,6 @@ import atexit
 import gc
 import json
 import math
-import resource
 import shutil
 import statistics
 import subprocess
@@ -105,47 +104,10 @@ NEVER = 10**9
 BENCH_EPOCHS = 1000
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def rss_mib() -> float:
-    """Current resident set size of this process (MiB)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def max_rss_mib() -> float:
-    """``getrusage`` maxrss (MiB). It survives exec: a subprocess started from a big process
-    reports at least the parent's RSS (the copied or shared mm's high-water mark)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def hwm_rss_mib() -> float | None:
-    """Peak RSS of this process image alone (VmHWM of /proc/self/status, MiB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have spent busy so far (/proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
-    return (sum(fields) - fields[3] - fields[4]) / _CLK_TCK
+# The measurements bench/bench.py makes too (this script's folder is on sys.path).
+from bench import hwm_mib as hwm_rss_mib  # noqa: E402
+from bench import log, machine_busy_seconds, rss_mib  # noqa: E402,F401
+from bench import maxrss_mib as max_rss_mib  # noqa: E402,F401
 
 
 class Clock:

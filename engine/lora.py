@@ -282,6 +282,18 @@ class MultiLoraLinear(nn.Module):
             return None
         return mix_seed(seg.dropout_seed, self.name_key)
 
+    def _dropped_out(self, xs: torch.Tensor, seg: Segment,
+                     adapter: LoraAdapter) -> tuple[torch.Tensor, float]:
+        """(the segment's fp32 input after its dropout mask, its scaling): without dropout
+        ``xs`` itself; with it, the 1 / keep goes into the scaling (cheaper on the rank-r
+        side than on x)."""
+        seed = self._dropout_seed(seg, adapter)
+        if seed is None:
+            return xs, adapter.scaling
+        keep = 1.0 - adapter.dropout_p
+        mask = _dropout_mask(xs, keep, _seeded_generator(xs.device, seed), seg.length)
+        return xs * mask, adapter.scaling / keep
+
     def _grouped_lora(self, x: torch.Tensor, base_out: torch.Tensor,
                       plain: list[tuple[Segment, LoraAdapter]],
                       flat: torch.Tensor | None = None) -> torch.Tensor:
@@ -300,47 +312,24 @@ class MultiLoraLinear(nn.Module):
         per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
         runs = _stackable_runs(plain) if flat is not None else [[item] for item in plain]
         for run in runs:
+            start, end = run[0][0].start, run[-1][0].end
+            xs = x[start:end].float()   # a view of x where x is fp32
+            pieces = [self._dropped_out(xs[seg.start - start:seg.end - start], seg, adapter)
+                      for seg, adapter in run]
             if len(run) > 1:
-                # One (segments, rows x positions, features) batch for all of the run: a
-                # view of x where it is fp32 and nothing is dropped out.
-                start, end = run[0][0].start, run[-1][0].end
-                xs = x[start:end].float()
-                scales, masks = [], []
-                for seg, adapter in run:
-                    seed = self._dropout_seed(seg, adapter)
-                    if seed is None:
-                        masks.append(None)
-                        scales.append(adapter.scaling)
-                        continue
-                    keep = 1.0 - adapter.dropout_p
-                    region = xs[seg.start - start:seg.end - start]
-                    masks.append(_dropout_mask(region, keep,
-                                               _seeded_generator(x.device, seed), seg.length))
-                    scales.append(adapter.scaling / keep)
-                if any(m is not None for m in masks):
-                    xs = xs * torch.cat([torch.ones_like(xs[seg.start - start:seg.end - start])
-                                         if m is None else m
-                                         for (seg, _), m in zip(run, masks)])
+                # One (segments, rows x positions, features) batch for all of the run.
+                if any(self._dropout_seed(seg, adapter) is not None for seg, adapter in run):
+                    xs = torch.cat([piece for piece, _ in pieces])
                 xs = xs.reshape(len(run), -1, xs.shape[-1])
                 lora_A = torch.stack([adapter.lora_A for _, adapter in run])
                 lora_B = torch.stack([adapter.lora_B for _, adapter in run])
-                scale = torch.tensor(scales, dtype=torch.float32, device=xs.device)
+                scale = torch.tensor([scale for _, scale in pieces], dtype=torch.float32,
+                                     device=xs.device)
                 h = torch.bmm(xs, lora_A.transpose(1, 2)) * scale.view(-1, 1, 1)
                 delta = torch.bmm(h, lora_B.transpose(1, 2))
                 rows = flat[start * per_row:end * per_row]
                 rows.add_(delta.reshape(rows.shape).to(rows.dtype))
                 continue
-            pieces = []
-            for seg, adapter in run:
-                xs = x[seg.start:seg.end].float()
-                scale = adapter.scaling
-                seed = self._dropout_seed(seg, adapter)
-                if seed is not None:
-                    keep = 1.0 - adapter.dropout_p
-                    xs = xs * _dropout_mask(xs, keep, _seeded_generator(x.device, seed),
-                                            seg.length)
-                    scale = scale / keep          # on the rank-r side: cheaper than on x
-                pieces.append((xs, scale))
             (seg, adapter), (xs, scale) = run[0], pieces[0]
             if flat is not None:
                 rows = flat[seg.start * per_row:seg.end * per_row]

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.checkpoint import RESUME_FREE_FIELDS
 from engine.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ MODEL_FIELDS = ("base_model", "dtype", "quantize")
 CHECKPOINTS = "checkpoints"
 # Adapter fields a resumed run may change (as engine.checkpoint.RESUME_FREE_FIELDS: where
 # the data lives is free, what it holds is checked by the engine on its encoded examples).
-RESUME_FREE = ("data", "init_from", "prompt", "data_sha256")
+RESUME_FREE = RESUME_FREE_FIELDS + ("data_sha256",)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # metrics.jsonl is scanned for a step event up to this many bytes; a longer file without
 # one is taken to hold a run (it is not a failed start).

@@ -890,7 +890,7 @@ class Engine:
         files["rng.pt"] = _torch_bytes(rng)
         manifest = {"format": ckpt.FORMAT, "engine_step": self.engine_step,
                     "model": asdict(self.config.model),
-                    "train": {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS},
+                    "train": self._resume_train_settings(),
                     "jobs": jobs}
         files[ckpt.ENGINE_FILE] = (json.dumps(manifest, indent=1) + "\n").encode()
         try:
@@ -908,14 +908,17 @@ class Engine:
         ckpt.prune(self.output_dir, self.config.train.save_total_limit)
         return path
 
+    def _resume_train_settings(self) -> dict:
+        """The [train] settings a checkpoint records and a resume must keep."""
+        return {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS}
+
     def _check_resumable(self, path: Path, manifest: dict) -> None:
         """Refuse a resume whose config changed what the checkpoint's jobs compute."""
         problems = []
         changes = ckpt.config_changes(manifest["model"], asdict(self.config.model))
         if changes:
             problems.append("[model] " + "; ".join(changes))
-        train_now = {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS}
-        changes = ckpt.config_changes(manifest["train"], train_now)
+        changes = ckpt.config_changes(manifest["train"], self._resume_train_settings())
         if changes:
             problems.append("[train] " + "; ".join(changes))
         saved_jobs = {saved["name"]: saved for saved in manifest["jobs"]}
