@@ -235,6 +235,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, log: Optional[Log] =
             model = load_model(None)
     if quantization is None:
         model.to(device)
+    else:
+        _keep_4bit_differentiable(model)
     # Frozen, and eval mode so the base model's own dropout stays off; adapters apply
     # their own lora_dropout.
     model.requires_grad_(False)
@@ -275,6 +277,19 @@ def _quantization_config(quantize: str, compute_dtype: torch.dtype):
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ConfigError(f'unknown quantize {quantize!r}; use "none", "4bit" or "8bit"',
                       table="model", field="quantize")
+
+
+def _keep_4bit_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, the first forward of a ``Linear4bit`` in eval mode without
+    gradients (evaluation, generation, the packing probe) repacks its weight for a kernel
+    that has no backward: every later training forward then passes no gradient through the
+    base layer to the adapters below it, silently.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _set_tf32(enabled: bool, device: torch.device, log: Log) -> None:

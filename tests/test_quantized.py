@@ -131,3 +131,24 @@ def test_quantize_without_bitsandbytes_names_the_extra(monkeypatch, tmp_path_fac
                          quantize="4bit")
     with pytest.raises(UserError, match=r"mlora-tui\[bitsandbytes\]"):
         models.load_base_model(config, torch.device("cpu"))
+
+
+def test_4bit_base_passes_gradients_after_a_forward_without_them(tmp_path, learnable_llama,
+                                                                 data_file):
+    """Evaluation or generation before training must not break the backward through the
+    4-bit base: bitsandbytes would repack its weights on a CPU for a forward-only kernel."""
+    config = RunConfig(model=ModelConfig(base_model=str(learnable_llama), quantize="4bit"),
+                       train=TrainConfig(output_dir=str(tmp_path), cutoff_len=64),
+                       adapters=[])
+    engine = Engine(config, write_metrics=False)
+    layer = engine.model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "Linear4bit"
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        engine.decoder(input_ids=ids, use_cache=False)         # the no-gradient forward
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    weight = dense_weight(layer)
+    layer(x).float().mul(torch.arange(layer.out_features)).sum().backward()
+    expected = torch.arange(layer.out_features, dtype=torch.float32) @ weight
+    assert x.grad is not None
+    assert torch.allclose(x.grad, expected.expand_as(x.grad), rtol=2e-2, atol=1e-3)
