@@ -78,7 +78,8 @@ TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # vocabulary; alpaca_short's 13-23 tokens plus the longer fields below give rows of the
 # lengths a real tokenizer makes of Alpaca data.
 PROMPT = "alpaca_short"
-VARIANTS = ("A", "B", "C")
+VARIANTS = ("A", "P", "B", "C")
+ENGINE_VARIANTS = ("A", "P")   # P: the engine with [train] packing = "off" (padded rows)
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "17179869184",
@@ -237,7 +238,8 @@ def run_config(spec: dict, out_dir: str):
            "train": {"output_dir": out_dir, "seed": spec["seed"], "cutoff_len": spec["cutoff"],
                      "save_step": NEVER,
                      "train_lora_simultaneously_num": max(1, len(spec["adapters"])),
-                     "gradient_checkpointing": spec["gradient_checkpointing"]},
+                     "gradient_checkpointing": spec["gradient_checkpointing"],
+                     "packing": spec.get("packing", "auto")},
            "adapter": adapter_tables(spec)}
     return parse_config(doc, "<bench>", Path(spec["model_dir"]).parent)
 
@@ -363,8 +365,10 @@ def worker_main(kind: str, spec_path: str, result_path: str) -> int:
             torch.set_num_threads(int(spec["threads"]))
         res.data["threads"] = torch.get_num_threads()
         res.data["mem_start"] = mem_snapshot()
-        fn = {"prepare": work_prepare, "A": work_engine, "B": work_peft,
+        fn = {"prepare": work_prepare, "A": work_engine, "P": work_engine, "B": work_peft,
               "C": work_peft}[kind]
+        if kind == "P":
+            spec = {**spec, "packing": "off"}
         fn(spec, res)
         res.data["ok"] = True
         res.data["partial"] = False
@@ -497,7 +501,7 @@ def work_engine(spec: dict, res: ResultFile) -> None:
         if kind == "batch":
             since = state["mark"].since() if state["mark"] else {"cpu": None, "others": None,
                                                                  "wall": None}
-            positions = sum(ps["rows"] * ps["width"] for ps in passes)
+            positions = sum(_pass_positions(ps) for ps in passes)
             record = _step_record(len(steps), event["seconds"], event["tokens"], positions,
                                   event["rows"], since)
             record["passes"] = list(passes)
@@ -523,8 +527,17 @@ def work_engine(spec: dict, res: ResultFile) -> None:
             return None
         try:   # engine internals: without them the FLOP count assumes one pass per step
             segments = [[sg.adapter, sg.start, sg.end] for sg in engine.layout.segments]
-            passes.append({"rows": int(ids.shape[0]), "width": int(ids.shape[1]),
-                           "segments": segments})
+            if getattr(engine.layout, "packed", False):
+                # One row of examples back to back: segments are token ranges, and each
+                # example (its positions restart at 0) attends to itself only.
+                starts = (kwargs["position_ids"][0] == 0).nonzero().flatten().tolist()
+                ends = starts[1:] + [int(ids.shape[1])]
+                passes.append({"packed": True, "rows": len(starts), "width": None,
+                               "positions": int(ids.shape[1]), "segments": segments,
+                               "lengths": [e - b for b, e in zip(starts, ends)]})
+            else:
+                passes.append({"rows": int(ids.shape[0]), "width": int(ids.shape[1]),
+                               "segments": segments})
         except Exception:  # noqa: BLE001 - measuring must not break the step
             pass
         return None
@@ -659,6 +672,11 @@ def shape_of(config: dict) -> dict:
             "head_params": h * config["vocab_size"]}
 
 
+def _pass_positions(ps: dict) -> int:
+    """Positions a recorded pass ran: rows x width, or a packed pass's tokens."""
+    return ps["positions"] if ps.get("packed") else ps["rows"] * ps["width"]
+
+
 def lora_params(shape: dict, r: int, targets: list[str]) -> int:
     return shape["layers"] * sum(r * sum(shape["linears"][t]) for t in targets)
 
@@ -688,7 +706,7 @@ def step_flops(shape: dict, jobs: list[dict], variant: str,
     targets = sum(sum(j["targets"]) for j in jobs)
     useful = cost(tokens, sum(6.0 * j["lora"] * sum(j["lengths"]) for j in jobs), targets,
                   sum(n * n for j in jobs for n in j["lengths"]))
-    if variant == "A":
+    if variant in ENGINE_VARIANTS:
         if not passes:
             width = max(n for j in jobs for n in j["lengths"])
             rows = sum(len(j["lengths"]) for j in jobs)
@@ -699,6 +717,13 @@ def step_flops(shape: dict, jobs: list[dict], variant: str,
             passes = [{"rows": rows, "width": width, "segments": segments}]
         executed, positions = 4.0 * head * targets, 0
         for ps in passes:
+            if ps.get("packed"):   # segments are token ranges; attention per example
+                lora_flops = sum(6.0 * lora.get(name, 0) * (end - begin)
+                                 for name, begin, end in ps["segments"])
+                executed += cost(ps["positions"], lora_flops, 0,
+                                 sum(n * n for n in ps["lengths"]))
+                positions += ps["positions"]
+                continue
             rows, width = ps["rows"], ps["width"]
             lora_flops = sum(6.0 * lora.get(name, 0) * (end - begin) * width
                              for name, begin, end in ps["segments"])
@@ -941,9 +966,9 @@ def run_series(args) -> dict:
                 run = entry["runs"].setdefault(str(n), {})
                 spec = {**base, "adapters": adapters[:n], "matmul_tokens": entry["matmul_tokens"]}
                 for rnd in range(args.rounds):
-                    order = [v for v in ("A", "B") if v in variants]
-                    if (rnd + ns.index(n)) % 2:
-                        order.reverse()
+                    order = [v for v in ("A", "P", "B") if v in variants]
+                    shift = (rnd + ns.index(n)) % max(1, len(order))
+                    order = order[shift:] + order[:shift]   # each variant first in turn
                     for v in order:
                         log(f"{name} N={n} {v} (round {rnd + 1}/{args.rounds})")
                         too_big = _too_big(args, entry, adapters[:n], v)
@@ -1009,7 +1034,7 @@ def _too_big(args, entry: dict, adapters: list[dict], variant: str) -> str | Non
                  for i in range(len(adapters))]
         est = sum(parts) if all(p is not None for p in parts) else None
     else:
-        est = _estimate(entry, steps, s, "engine" if variant == "A" else "peft")
+        est = _estimate(entry, steps, s, "engine" if variant in ENGINE_VARIANTS else "peft")
     if est is None or avail is None or est <= 0.85 * avail:
         return None
     return (f"skipped: estimated peak {est / 1024:.1f} GiB > 85% of the memory available "
@@ -1078,10 +1103,12 @@ def _estimate(model_entry: dict, jobs_by_step: list[list[dict]], args_s: dict,
     for k, jobs in enumerate(jobs_by_step):
         loads = [JobLoad(rows=len(j["lengths"]), seq_len=max(j["lengths"]), r=j["r"],
                          target_modules=j["targets_modules"], target_tokens=sum(j["targets"]),
-                         lora_dropout=args_s["dropout"])
+                         lora_dropout=args_s["dropout"], tokens=sum(j["lengths"]))
                  for j in jobs]
         extra = {}
         if passes_by_step and k < len(passes_by_step) and passes_by_step[k]:
+            if any(ps.get("packed") for ps in passes_by_step[k]):
+                extra["packed"] = True
             index = {j["name"]: i for i, j in enumerate(jobs)}
             extra["passes"] = [[index[name] for name, _b, _e in ps["segments"] if name in index]
                                for ps in passes_by_step[k]]
@@ -1142,6 +1169,7 @@ def summarise(entry: dict, results_runs: list[dict], variant: str, adapters: lis
                                    x.get("passes"))
     passes = [len(x["passes"]) for x in samples if x.get("passes")]
     out["passes"] = statistics.median(passes) if passes else None
+    out["packed"] = any(ps.get("packed") for x in samples for ps in x.get("passes") or [])
     out["padding"] = 1 - sum(x["tokens"] for x in samples) / max(1, sum(
         flops[x["k"]]["positions"] for x in samples))
     mismatched = [x["k"] for x in samples if x["tokens"] != flops[x["k"]]["tokens"]]
@@ -1269,7 +1297,7 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
                  f"{sum(targets) / sum(lengths):.0%} of all tokens.")
     rates = []
     for run in entry["runs"].values():
-        for v in ("A", "B"):
+        for v in ("A", "P", "B"):
             for r in run.get(v, []):
                 if r.get("matmul"):
                     rates.append(r["matmul"]["max"])
@@ -1293,8 +1321,9 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
     for n_str, run in entry["runs"].items():
         n = int(n_str)
         adapters = adapters_all[:n]
-        summ = {v: summarise(entry, run[v], v, adapters, s, rate) for v in ("A", "B") if run.get(v)}
-        for v in ("A", "B"):
+        summ = {v: summarise(entry, run[v], v, adapters, s, rate) for v in ("A", "P", "B")
+                if run.get(v)}
+        for v in ("A", "P", "B"):
             if v not in run:
                 continue
             x = summ.get(v)
@@ -1302,14 +1331,15 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
                 err = next((r.get("error") for r in run[v] if r.get("error")), "no steps")
                 lines.append(f"| {n} | {v} | failed: {_short(err)} | | | | | | | | | |")
                 continue
-            if v == "A":
+            if v in ENGINE_VARIANTS:
                 what = f"{n} adapter{'s' if n > 1 else ''} in one `Engine.step`"
                 if x.get("passes") and x["passes"] != 1:
                     what += f" ({x['passes']:g} passes)"
+                what += ", padded rows" if v == "P" else (", packed" if x.get("packed") else "")
             else:
                 what = f"{n} PEFT steps, one per adapter" if n > 1 else "1 PEFT step"
             paired = "1 (reference)" if v == "B" else "–"
-            if v == "A" and summ.get("B"):
+            if v in ENGINE_VARIANTS and summ.get("B"):
                 paired = _paired(x, summ["B"])
             ph = x["phases"]
             quiet = (f"{x['median_quiet']:.3f}, {x['steps'] - x['disturbed']} of {x['steps']}"
@@ -1340,6 +1370,10 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
                      for i in range(n)]
             est_c = sum(parts) if all(p is not None for p in parts) else None
         mem_rows.append((n, summ.get("A"), est_a, summ.get("B"), est_b, c, est_c))
+        if summ.get("A") and summ.get("P"):
+            notes.append(f"N={n}: packing, A (packed) vs P (padded rows), paired by step: "
+                         f"{_paired(summ['A'], summ['P'])}; peak memory A "
+                         f"{_fmt_mib(summ['A']['peak_mib'])}, P {_fmt_mib(summ['P']['peak_mib'])}")
         if summ.get("A") and summ.get("B"):
             la, lb = summ["A"]["first_loss"], summ["B"]["first_loss"]
             if la and lb:
@@ -1442,7 +1476,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16",
                    help="base model dtype (adapters are fp32 in every variant)")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
-    p.add_argument("--variants", default="A,B,C", help="subset of A,B,C")
+    p.add_argument("--variants", default="A,B,C",
+                   help="subset of A,P,B,C (A: the engine, packed where [train] packing = "
+                        "\"auto\" packs; P: the engine with padded rows; B: PEFT one adapter "
+                        "after another; C: N PEFT processes)")
     p.add_argument("--rows", type=int, default=4, help="rows per adapter per step (default 4)")
     p.add_argument("--cutoff", type=int, default=256, help="cutoff_len in tokens (default 256)")
     p.add_argument("--length-scale", type=float, default=1.0,
@@ -1499,7 +1536,7 @@ def main(argv: list[str] | None = None) -> int:
         args.wait_quiet = 30.0 if args.device == "cpu" else 0.0
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:
-        p.error(f"--variants: unknown {bad}; choose from A,B,C")
+        p.error(f"--variants: unknown {bad}; choose from A,P,B,C")
     run_series(args)
     return 0
 

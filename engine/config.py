@@ -56,6 +56,10 @@ class TrainConfig:
     # with it and the running jobs fits in this many GiB (0: the GPU's memory; on CPU, none).
     memory_limit_gb: float = 0
     gradient_checkpointing: bool = False
+    # Sequence packing (engine/packing.py): each pass's examples back to back in one row,
+    # no padding. "auto": on a CPU, where padding costs its full share of the arithmetic;
+    # "on": on any device (an error if the model cannot pack); "off": padded rows.
+    packing: str = "auto"
 
 
 @dataclass
@@ -122,6 +126,7 @@ DEMO_MODEL = "smollm2-135m"
 DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLS = ("auto", "eager", "sdpa", "flash_attn")
 QUANTIZE = ("none", "4bit", "8bit")
+PACKING = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 # Adapter names become folder names under output_dir, so keep them filesystem-safe.
@@ -626,6 +631,7 @@ _TRAIN_RULES = {
     "train_lora_simultaneously_num": _int_at_least(1),
     "max_tokens_per_step": _int_at_least(0),
     "memory_limit_gb": _number(0),
+    "packing": _one_of(PACKING),
 }
 _ADAPTER_RULES = {
     "r": _int_between(1, MAX_RANK),

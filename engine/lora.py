@@ -15,8 +15,12 @@ Variants are small pieces on top of plain LoRA, with PEFT's math so adapters loa
 - DoRA: a trained magnitude vector rescales the row-normalised adapted weight;
 - LoRA+ lives in the optimizer (B's learning rate), not here.
 
-Exactness: a dropout mask is a function of the job's micro-batch seed and the layer's name
-alone, so a job draws the same masks whether it trains alone or with others, and a
+Packed passes (engine/packing.py) put every example in one row; their segments are ranges
+of token positions, and each layer runs on the positions as rows (``BatchLayout.packed``).
+
+Exactness: a dropout mask is a function of the job's micro-batch seed, the layer's name and
+the job's own tokens alone (padded rows: its rows up to its own longest; packed: its real
+tokens), so a job draws the same masks whether it trains alone or with others, and a
 recomputed forward (gradient checkpointing) draws the same masks again. Adapter weights and
 their math are fp32 whatever the base dtype.
 """
@@ -59,12 +63,15 @@ class BatchLayout:
 
     segments: list[Segment] = field(default_factory=list)
     single: str | None = None
+    # Packed pass (engine/packing.py): the batch is one row of examples back to back, and
+    # segments are ranges of its token positions instead of rows.
+    packed: bool = False
 
-    def set_segments(self, segments: list[Segment]) -> None:
-        self.segments, self.single = segments, None
+    def set_segments(self, segments: list[Segment], packed: bool = False) -> None:
+        self.segments, self.single, self.packed = segments, None, packed
 
     def set_single(self, adapter: str | None) -> None:
-        self.segments, self.single = [], adapter
+        self.segments, self.single, self.packed = [], adapter, False
 
 
 _MASK64 = (1 << 64) - 1
@@ -235,6 +242,10 @@ class MultiLoraLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.packed and x.dim() > 2:
+            # Segments are token positions: run on the positions as rows, (T, features).
+            out = self.forward(x.reshape(-1, x.shape[-1]))
+            return out.view(*x.shape[:-1], out.shape[-1])
         # A plain nn.Linear runs on the rows flattened to 2-D: its output is then a tensor of
         # its own (no view), to which the adapters' deltas can be added in place, without a
         # copy of the output (autograd allows it: a linear's backward does not read its

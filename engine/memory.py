@@ -28,7 +28,8 @@ What is counted (bytes; ``b`` = bytes per base-weight element, 2 for bf16/fp16, 
     and, with dropout, the dropout mask: fp32 in the engine and in torch's CPU dropout
     (``8 x in`` in all), bool in CUDA's fused dropout (PEFT on CUDA: ``5 x in``);
   - frozen base linears keep nothing (their weight gradient is never needed);
-  plus the 4-D boolean attention mask, ``rows x width^2``.
+  plus the 4-D boolean attention mask, ``rows x width^2``. Packed passes (``packed``) run
+  only real tokens, with no mask and k, v not repeated.
   The engine pads the rows of a pass to the pass's longest row: ``P = rows x width``
   over the pass's jobs (``passes``: the engine may split a step into several passes,
   ``engine.trainer.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
@@ -91,6 +92,11 @@ class JobLoad:
     target_tokens: int | None = None   # positions with a label; None: half of rows x seq_len
     lora_dropout: float = 0.05
     optimizer: str = "adamw"       # adamw | sgd (with momentum) | sgd0 (no momentum)
+    tokens: int | None = None      # its real (non-padding) tokens; None: rows x seq_len
+
+    @property
+    def real_tokens(self) -> int:
+        return self.tokens if self.tokens is not None else self.rows * self.seq_len
 
     @property
     def targets(self) -> int:
@@ -181,9 +187,10 @@ def _lora_saved_per_position(shape: ModelShape, job: JobLoad, implementation: st
                for t in job.target_modules)
 
 
-def _base_saved_per_position(shape: ModelShape, b: int, seq_len: int, attn_impl: str) -> int:
+def _base_saved_per_position(shape: ModelShape, b: int, seq_len: int, attn_impl: str,
+                             repeat_kv: bool = True) -> int:
     """Bytes a decoder layer keeps per position for backward, adapters aside."""
-    kv_saved = shape.q_dim if shape.kv_heads < shape.heads else shape.kv_dim
+    kv_saved = shape.q_dim if repeat_kv and shape.kv_heads < shape.heads else shape.kv_dim
     saved = 2 * 4 * shape.hidden                       # RMSNorm fp32 upcasts
     saved += b * (2 * shape.q_dim + 2 * kv_saved)      # SDPA: q, k, v, output
     saved += 3 * shape.intermediate * b                # gate, up, silu(gate)
@@ -197,7 +204,8 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
                        attn_impl: str = "sdpa", implementation: str = "engine",
                        passes: Sequence[Sequence[int]] | None = None,
                        head_chunk: int = ENGINE_HEAD_CHUNK,
-                       runtime_bytes: int | None = None) -> dict[str, int]:
+                       runtime_bytes: int | None = None,
+                       packed: bool = False) -> dict[str, int]:
     """The estimate by component (bytes): weights, adapters, activations, backward, head,
     runtime, and their sum under ``total``.
 
@@ -206,7 +214,9 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
     after another, as the engine's ``plan_passes`` may group them) or ``"peft"`` (one PEFT
     model holding every job's adapter, trained one adapter at a time; a single PEFT process
     is ``"peft"`` with one job). ``head_chunk``: the engine's LM-head loss chunk in tokens
-    (``engine.loss.DEFAULT_CHUNK``; 0: unchunked).
+    (``engine.loss.DEFAULT_CHUNK``; 0: unchunked). ``packed``: the engine's passes hold
+    their examples back to back (engine/packing.py): ``P`` is their real tokens, with no
+    attention mask and k, v not repeated (SDPA per example, with grouped-query support).
     """
     if implementation not in ("engine", "peft"):
         raise ValueError(f"implementation must be 'engine' or 'peft', got {implementation!r}")
@@ -226,6 +236,8 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
 
     def engine_pass(group: list[JobLoad]) -> tuple[int, int, int, int]:
         """(per-layer activations, head, positions, mask) of one engine pass."""
+        if packed:
+            return packed_pass(group)
         width = max(j.seq_len for j in group)
         base = _base_saved_per_position(shape, b, width, attn_impl)
         rows = sum(j.rows for j in group)
@@ -239,6 +251,17 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
         head = 2 * b * shape.hidden * targets + (8 + b) * shape.vocab * chunk
         head += 4 * shape.hidden * rows * width            # final norm's fp32 upcast
         return layer, head, rows * width, rows * width * width
+
+    def packed_pass(group: list[JobLoad]) -> tuple[int, int, int, int]:
+        base = _base_saved_per_position(shape, b, 0, "sdpa", repeat_kv=False)
+        positions = sum(j.real_tokens for j in group)
+        layer = sum(j.real_tokens * (base + _lora_saved_per_position(shape, j, "engine", device))
+                    for j in group)
+        biggest = max(j.targets for j in group)
+        chunk = min(head_chunk, biggest) if head_chunk else biggest
+        head = 2 * b * shape.hidden * sum(j.targets for j in group)
+        head += (8 + b) * shape.vocab * chunk + 4 * shape.hidden * positions
+        return layer, head, positions, 0
 
     def peft_pass(j: JobLoad) -> tuple[int, int, int, int]:
         base = _base_saved_per_position(shape, b, j.seq_len, attn_impl)
@@ -280,7 +303,7 @@ def estimate_peak_bytes(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf
                         attn_impl: str = "sdpa", implementation: str = "engine",
                         passes: Sequence[Sequence[int]] | None = None,
                         head_chunk: int = ENGINE_HEAD_CHUNK,
-                        runtime_bytes: int | None = None) -> int:
+                        runtime_bytes: int | None = None, packed: bool = False) -> int:
     """Estimated peak memory (bytes) of training ``jobs`` in one step on ``model``.
 
     On CPU it compares with the process's peak resident set size (VmHWM), on CUDA with
@@ -290,4 +313,4 @@ def estimate_peak_bytes(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf
                               gradient_checkpointing=gradient_checkpointing,
                               attn_impl=attn_impl, implementation=implementation,
                               passes=passes, head_chunk=head_chunk,
-                              runtime_bytes=runtime_bytes)["total"]
+                              runtime_bytes=runtime_bytes, packed=packed)["total"]

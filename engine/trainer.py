@@ -1,18 +1,20 @@
 """The engine: jobs (one adapter each) trained together in one batched step.
 
 Read ``Engine.step`` top to bottom to see a step: pick the running jobs, take one
-micro-batch from each, concatenate them, run the base model once with every adapter on its
-own rows, compute each job's loss from its own rows only, one backward, and let each job
-whose gradient accumulation is complete clip and step its own optimizer.
+micro-batch from each, put them in one forward pass (packed back to back in one row,
+engine/packing.py, or as padded rows), run the base model once with every adapter on its
+own tokens, compute each job's loss from its own tokens only, one backward, and let each
+job whose gradient accumulation is complete clip and step its own optimizer.
 
 Exactness: nothing in a job's arithmetic depends on the other jobs in the batch. Its loss is
 the sum of token losses over its own target tokens divided by the number of target tokens
 in its whole optimizer batch (so accumulation equals one big batch); its dropout masks come
-from its own seed and micro-batch count; it has its own optimizer, scheduler and clipping.
+from its own seed, micro-batch count and tokens; it has its own optimizer, scheduler and clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -37,10 +39,11 @@ from engine.errors import ConfigError, UserError
 from engine.jsonlog import open_log
 from engine.outputs import write_run_record
 from engine.lora import BatchLayout, Segment, mix_seed
-from engine.mixlora import (attach_mixlora, extend_param_groups, mixlora_peft_fields,
-                            mixlora_targets, prepare_router_batch, router_losses,
-                            take_router_stats)
+from engine.mixlora import (attach_mixlora, extend_param_groups, is_mixlora,
+                            mixlora_peft_fields, mixlora_targets, prepare_router_batch,
+                            router_losses, take_router_stats)
 from engine.loss import chunked_head_loss
+from engine.packing import pack, packed_pass, packing_problem
 from engine.models import (default_targets, enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
                            select_device)
@@ -379,6 +382,8 @@ class Engine:
         if config.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.layout = BatchLayout()
+        self.packing = self._packing_choice()
+        self.model_info["packing"] = self.packing
         self.jobs: dict[str, Job] = {}
         self.emit("run_start", config=config.source, output_dir=str(self.output_dir),
                   **self.model_info)
@@ -400,6 +405,20 @@ class Engine:
             write_run_record(self.output_dir, config)
         except OSError as exc:
             self.log(f"cannot write {self.output_dir / 'run.json'} ({exc})", level="warning")
+
+    def _packing_choice(self) -> bool:
+        """Whether training passes pack their examples ([train] packing)."""
+        choice = self.config.train.packing
+        if choice == "off" or (choice == "auto" and self.device.type != "cpu"):
+            return False
+        problem = packing_problem(self.model, self.decoder, self.device)
+        if problem is None:
+            return True
+        if choice == "on":
+            raise ConfigError(f"packing = \"on\", but this model cannot pack: {problem}; "
+                              "use \"auto\" or \"off\"", table="train", field="packing")
+        self.log(f"sequence packing is off: {problem}", level="warning")
+        return False
 
     # -- events -------------------------------------------------------------------------
 
@@ -547,7 +566,8 @@ class Engine:
                 self.model.config, loads, dtype=self.config.model.dtype,
                 device=self.device.type,
                 gradient_checkpointing=self.config.train.gradient_checkpointing,
-                attn_impl="eager" if self.model_info.get("attn_impl") == "eager" else "sdpa")
+                attn_impl="eager" if self.model_info.get("attn_impl") == "eager" else "sdpa",
+                packed=self.packing)
         except (TypeError, ValueError, KeyError, AttributeError):
             return None
 
@@ -678,11 +698,11 @@ class Engine:
         clock.lap("data")
         groups = self._plan(micro)
         losses: dict[str, float] = {}
-        totals = {"rows": 0, "tokens": 0, "cells": 0, "passes": 0}
+        totals = {"rows": 0, "tokens": 0, "cells": 0, "passes": 0, "packed": 0}
         while groups:
-            group = groups.pop(0)
+            packed, group = groups.pop(0)
             try:
-                losses.update(self._forward_backward(group, clock, totals))
+                losses.update(self._forward_backward(packed, group, clock, totals))
             except torch.OutOfMemoryError:
                 self._free_memory()
                 if len(group) > 1:
@@ -690,7 +710,7 @@ class Engine:
                     self.log(f"step {self.engine_step + 1}: out of memory with "
                              f"{len(group)} jobs in one pass; running one pass per job "
                              "(lower max_tokens_per_step to choose the size)", level="warning")
-                    groups = [[item] for item in group] + groups
+                    groups = [(packed, [item]) for item in group] + groups
                     continue
                 job, indices, _examples = group[0]
                 job.unread(indices)
@@ -733,52 +753,94 @@ class Engine:
         cells = max(1, totals["cells"])
         self.emit("batch", jobs=[job.name for job in jobs], rows=totals["rows"],
                   tokens=totals["tokens"], padding=round(1 - totals["tokens"] / cells, 4),
-                  passes=totals["passes"], seconds=clock.laps)
+                  passes=totals["passes"], packed=totals["packed"], seconds=clock.laps)
 
-    def _plan(self, micro: list) -> list[list]:
+    def _plan(self, micro: list) -> list[tuple[bool, list]]:
+        """The step's passes: (packed, micro-batches). Jobs that pack share packed passes
+        (all in one, or as many as ``max_tokens_per_step`` asks); the others (MixLoRA, or
+        every job when packing is off) go into padded passes of similar lengths."""
         if self._split_passes:
-            return [[item] for item in micro]
-        widths = [(len(examples), max(len(e.input_ids) for e in examples))
-                  for _job, _indices, examples in micro]
-        plan = plan_passes(widths, self.config.train.max_tokens_per_step, self.pass_overhead)
-        return [[micro[i] for i in group] for group in plan]
+            return [(self._packs(item[0]), [item]) for item in micro]
+        packable = [item for item in micro if self._packs(item[0])]
+        padded = [item for item in micro if not self._packs(item[0])]
+        passes: list[tuple[bool, list]] = []
+        budget, current, tokens = self.config.train.max_tokens_per_step, [], 0
+        for item in packable:
+            size = sum(len(e.input_ids) for e in item[2])
+            if current and budget and tokens + size > budget:
+                passes.append((True, current))
+                current, tokens = [], 0
+            current.append(item)
+            tokens += size
+        if current:
+            passes.append((True, current))
+        if padded:
+            widths = [(len(examples), max(len(e.input_ids) for e in examples))
+                      for _job, _indices, examples in padded]
+            plan = plan_passes(widths, budget, self.pass_overhead)
+            passes += [(False, [padded[i] for i in group]) for group in plan]
+        return passes
 
-    def _forward_backward(self, group: list, clock: _StepClock, totals: dict) -> dict:
+    def _packs(self, job: Job) -> bool:
+        """Whether this job's micro-batches go into packed passes (never MixLoRA's: its
+        routing works on padded rows)."""
+        return self.packing and not is_mixlora(job.cfg)
+
+    def _forward_backward(self, packed: bool, group: list, clock: _StepClock,
+                          totals: dict) -> dict:
         """Forward and backward of one pass; each job's micro-batch loss, by job name.
 
         Gradients are computed first and added to the jobs' accumulated ones only when the
         whole pass succeeded, so a pass that fails (out of memory) leaves no trace.
         """
         examples = [example for _job, _indices, chunk in group for example in chunk]
-        input_ids, labels, attention = self._collate(examples)
         segments, start = [], 0
         for job, _indices, chunk in group:
-            own_width = max(len(e.input_ids) for e in chunk)
-            segments.append(Segment(job.name, start, start + len(chunk), own_width,
-                                    job.dropout_seed()))
-            start += len(chunk)
-        self.layout.set_segments(segments)
+            if packed:   # token ranges of the packed row; masks drawn per real token
+                size = sum(len(e.input_ids) for e in chunk)
+                segments.append(Segment(job.name, start, start + size, None,
+                                        job.dropout_seed()))
+                start += size
+            else:
+                own_width = max(len(e.input_ids) for e in chunk)
+                segments.append(Segment(job.name, start, start + len(chunk), own_width,
+                                        job.dropout_seed()))
+                start += len(chunk)
+        self.layout.set_segments(segments, packed=packed)
+        if packed:
+            row = pack(examples)
+            labels, real = row.labels, row.input_ids.new_ones(row.input_ids.shape)
+            context = packed_pass(self.model, row.bounds)
+            inputs = {"input_ids": row.input_ids.to(self.device),
+                      "position_ids": row.position_ids.to(self.device),
+                      "attention_mask": None}
+        else:
+            input_ids, labels, real = self._collate(examples)
+            context = contextlib.nullcontext()
+            inputs = {"input_ids": input_ids.to(self.device),
+                      "attention_mask": real.to(self.device)}
         # MixLoRA hook: token masks on its segments; record router losses in this forward.
-        prepare_router_batch(self.model, segments, attention, self.device)
-        input_ids = input_ids.to(self.device)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention.to(self.device),
-                              use_cache=False).last_hidden_state
-        router = router_losses(self.model)  # MixLoRA: {job: router loss of this micro-batch}
-        job_losses, total = [], None
-        for (job, _indices, _chunk), seg in zip(group, segments):
-            loss_sum, _count = self._token_loss_sum(hidden[seg.start:seg.end],
-                                                    labels[seg.start:seg.end])
-            job_loss = loss_sum / job.loss_normalizer()
-            job_losses.append(job_loss)
-            total = job_loss if total is None else total + job_loss
-            if job.name in router:
-                # MixLoRA: the router loss weighs like each target token's loss, so it is
-                # normalised as the LM loss is (docs/mixlora.md); the reported loss is LM only.
-                total = total + router[job.name] * _count / job.loss_normalizer()
-        clock.lap("forward")
-        params = [p for job, _indices, _chunk in group for p in job.parameters]
-        grads = (torch.autograd.grad(total, params, allow_unused=True)
-                 if total is not None and total.requires_grad else [None] * len(params))
+        prepare_router_batch(self.model, segments, real, self.device)
+        with context:   # packed attention for the forward and the backward's recomputation
+            hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
+            router = router_losses(self.model)  # MixLoRA: {job: its router loss}
+            job_losses, total = [], None
+            for (job, _indices, _chunk), seg in zip(group, segments):
+                own = slice(seg.start, seg.end)
+                own = (slice(None), own) if packed else own   # positions, or rows
+                loss_sum, _count = self._token_loss_sum(hidden[own], labels[own])
+                job_loss = loss_sum / job.loss_normalizer()
+                job_losses.append(job_loss)
+                total = job_loss if total is None else total + job_loss
+                if job.name in router:
+                    # MixLoRA: the router loss weighs like each target token's loss, so it
+                    # is normalised as the LM loss is (docs/mixlora.md); the reported loss
+                    # is LM only.
+                    total = total + router[job.name] * _count / job.loss_normalizer()
+            clock.lap("forward")
+            params = [p for job, _indices, _chunk in group for p in job.parameters]
+            grads = (torch.autograd.grad(total, params, allow_unused=True)
+                     if total is not None and total.requires_grad else [None] * len(params))
         for param, grad in zip(params, grads):
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
@@ -786,14 +848,15 @@ class Engine:
         losses = {}
         # One device-to-host copy for the pass's losses (one wait, not one per job).
         values = torch.stack([loss.detach().float() for loss in job_losses]).tolist()
-        for (job, _indices, _chunk), seg, value in zip(group, segments, values):
+        for (job, _indices, chunk), value in zip(group, values):
             if math.isfinite(value):
-                job.record_micro_batch(value, int(attention[seg.start:seg.end].sum()))
+                job.record_micro_batch(value, sum(len(e.input_ids) for e in chunk))
             losses[job.name] = value
-        totals["rows"] += int(attention.shape[0])
-        totals["tokens"] += int(attention.sum())
-        totals["cells"] += attention.numel()
+        totals["rows"] += len(examples)
+        totals["tokens"] += int(real.sum())
+        totals["cells"] += real.numel()
         totals["passes"] += 1
+        totals["packed"] += int(packed)
         return losses
 
     def _skip(self, job: Job, what: str) -> None:

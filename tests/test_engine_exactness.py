@@ -54,11 +54,17 @@ def data_files(tmp_path_factory) -> dict[str, str]:
     return files
 
 
-def _run_config(model_dir: Path, out: Path, adapters: list[AdapterConfig]) -> RunConfig:
+def _run_config(model_dir: Path, out: Path, adapters: list[AdapterConfig],
+                packing: str = "auto") -> RunConfig:
     return RunConfig(model=ModelConfig(base_model=str(model_dir), attn_impl="sdpa"),
                      train=TrainConfig(output_dir=str(out), seed=7, cutoff_len=128,
-                                       save_step=1000, train_lora_simultaneously_num=8),
+                                       save_step=1000, train_lora_simultaneously_num=8,
+                                       packing=packing),
                      adapters=adapters)
+
+
+# The engine's two layouts of a pass: examples packed into one row, or padded rows.
+LAYOUTS = pytest.mark.parametrize("packing", ["on", "off"])
 
 
 def _three_adapters(files: dict[str, str]) -> list[AdapterConfig]:
@@ -90,16 +96,19 @@ def _assert_same(actual: dict, expected: dict, rtol: float) -> None:
         assert diff <= rtol, f"{key}: relative difference {diff:.3g} > {rtol}"
 
 
-def test_adapters_trained_together_equal_each_trained_alone(tiny_llama, data_files, tmp_path):
+@LAYOUTS
+def test_adapters_trained_together_equal_each_trained_alone(packing, tiny_llama, data_files,
+                                                            tmp_path):
     adapters = _three_adapters(data_files)
-    together = Engine(_run_config(tiny_llama, tmp_path / "together", adapters))
+    together = Engine(_run_config(tiny_llama, tmp_path / "together", adapters, packing))
+    assert together.packing == (packing == "on")
     together.run()
     assert {j.state for j in together.jobs.values()} == {"done"}
     # Training happened: B moved away from its zero init.
     assert all(v.abs().max() > 0 for k, v in _weights(together, "plain").items() if "lora_B" in k)
 
     for cfg in adapters:
-        alone = Engine(_run_config(tiny_llama, tmp_path / f"alone-{cfg.name}", [cfg]))
+        alone = Engine(_run_config(tiny_llama, tmp_path / f"alone-{cfg.name}", [cfg], packing))
         alone.run()
         _assert_same(_weights(together, cfg.name), _weights(alone, cfg.name), rtol=1e-5)
 
@@ -171,8 +180,11 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "loraplus", "dora+loraplus"])
-def test_engine_training_equals_peft_training(variant, tiny_llama, data_files, tmp_path):
+@pytest.mark.parametrize("variant,packing", [
+    ("lora", "on"), ("rslora", "on"), ("dora", "on"), ("loraplus", "on"),
+    ("dora+loraplus", "on"), ("lora", "off"), ("dora", "off")])
+def test_engine_training_equals_peft_training(variant, packing, tiny_llama, data_files,
+                                              tmp_path):
     from transformers import AutoModelForCausalLM
 
     # A PEFT-initialised adapter with non-zero B, so every term of the math is live.
@@ -195,7 +207,7 @@ def test_engine_training_equals_peft_training(variant, tiny_llama, data_files, t
                         loraplus_lr_ratio=8.0 if "loraplus" in variant else 1.0,
                         target_modules=["q_proj", "v_proj", "down_proj"], batch_size=4,
                         micro_batch_size=2, num_epochs=1, lr=3e-3, init_from=str(init_dir))
-    engine = Engine(_run_config(tiny_llama, tmp_path / "out", [cfg]))
+    engine = Engine(_run_config(tiny_llama, tmp_path / "out", [cfg], packing))
     engine.run()
     steps = engine.jobs["job"].step
     assert steps == 3
@@ -291,7 +303,8 @@ def test_padding_from_other_jobs_does_not_change_a_jobs_gradients(tiny_llama, da
 
     def grads(adapters, out):
         events = []
-        engine = Engine(_run_config(tiny_llama, tmp_path / out, adapters), on_event=events.append)
+        engine = Engine(_run_config(tiny_llama, tmp_path / out, adapters, packing="off"),
+                        on_event=events.append)
         engine.pass_overhead = 10**9      # one forward pass, however uneven the lengths
         job = engine.jobs["short"]
         for j in engine.jobs.values():
@@ -328,16 +341,17 @@ def _count_calls(engine: Engine) -> tuple[list, list]:
     return calls, steps
 
 
-def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(tiny_llama, data_files,
-                                                                       tmp_path):
+@LAYOUTS
+def test_gradient_checkpointing_recomputes_and_gives_the_same_adapters(packing, tiny_llama,
+                                                                       data_files, tmp_path):
     adapters = _three_adapters(data_files)
     for cfg in adapters:
         cfg.num_epochs = 1
-    plain = Engine(_run_config(tiny_llama, tmp_path / "plain", adapters))
+    plain = Engine(_run_config(tiny_llama, tmp_path / "plain", adapters, packing))
     plain.pass_overhead = 10**9       # one forward pass per step: calls count steps
     plain_calls, plain_steps = _count_calls(plain)
     plain.run()
-    config = _run_config(tiny_llama, tmp_path / "checkpointed", adapters)
+    config = _run_config(tiny_llama, tmp_path / "checkpointed", adapters, packing)
     config.train.gradient_checkpointing = True
     checkpointed = Engine(config)
     checkpointed.pass_overhead = 10**9
@@ -369,14 +383,15 @@ def test_bf16_base_trains_like_fp32_within_bf16_tolerance(tiny_llama, data_files
     assert any(not torch.equal(results["bf16"][k], v) for k, v in results["fp32"].items())
 
 
-def test_steps_split_into_passes_equal_one_pass(tiny_llama, data_files, tmp_path):
+@LAYOUTS
+def test_steps_split_into_passes_equal_one_pass(packing, tiny_llama, data_files, tmp_path):
     """A token budget (or length-aware grouping) runs a step as several forward passes;
     every adapter ends as with one pass per step."""
     adapters = _three_adapters(data_files)
-    one = Engine(_run_config(tiny_llama, tmp_path / "one", adapters))
+    one = Engine(_run_config(tiny_llama, tmp_path / "one", adapters, packing))
     one.pass_overhead = 10**9
     one.run()
-    config = _run_config(tiny_llama, tmp_path / "split", adapters)
+    config = _run_config(tiny_llama, tmp_path / "split", adapters, packing)
     config.train = replace(config.train, max_tokens_per_step=200)
     events = []
     split = Engine(config, on_event=events.append)

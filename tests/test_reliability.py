@@ -288,26 +288,27 @@ def test_a_data_error_mid_run_fails_only_that_job(tiny_llama, data_files, tmp_pa
     assert (tmp_path / "run" / "rs" / "adapter_model.safetensors").is_file()
 
 
-def _fail_when_rows_exceed(engine: Engine, rows: int, width: int | None = None):
-    """Make the model's first layer raise out-of-memory for passes of more than ``rows``
-    rows (or, with ``width``, for any pass at least that long)."""
+def _fail_when(engine: Engine, too_big) -> None:
+    """Make the model's first layer raise out-of-memory in every pass for which
+    ``too_big(names of the pass's jobs)`` is true (the engine's layout says who is in it)."""
     layer = engine.decoder.layers[0]
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[0] > rows or (width is not None and hidden.shape[1] >= width):
+    def hook(_module, _args, _kwargs):
+        if too_big([seg.adapter for seg in engine.layout.segments]):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_out_of_memory_retries_one_job_at_a_time(tiny_llama, data_files, tmp_path):
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_out_of_memory_retries_one_job_at_a_time(packing, tiny_llama, data_files, tmp_path):
     adapters = _three_adapters(data_files)
-    reference = Engine(_run_config(tiny_llama, tmp_path / "ref", adapters))
+    reference = Engine(_run_config(tiny_llama, tmp_path / "ref", adapters, packing))
     reference.run()
     events = []
-    engine = Engine(_run_config(tiny_llama, tmp_path / "oom", adapters), on_event=events.append)
+    engine = Engine(_run_config(tiny_llama, tmp_path / "oom", adapters, packing),
+                    on_event=events.append)
     engine.pass_overhead = 10**9          # all jobs in one pass, until memory runs out
-    _fail_when_rows_exceed(engine, rows=3)
+    _fail_when(engine, lambda jobs: len(jobs) > 1)
     engine.run()
     warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
     assert any("out of memory with 3 jobs in one pass; running one pass per job" in w
@@ -318,18 +319,16 @@ def test_out_of_memory_retries_one_job_at_a_time(tiny_llama, data_files, tmp_pat
         _assert_close(_weights(engine, name), _weights(reference, name))
 
 
-def test_a_job_too_big_for_memory_alone_pauses_and_others_go_on(tiny_llama, data_files,
-                                                                tmp_path):
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_a_job_too_big_for_memory_alone_pauses_and_others_go_on(packing, tiny_llama,
+                                                                data_files, tmp_path):
     adapters = _three_adapters(data_files)
     long_rows = tmp_path / "long.jsonl"
-    # Cut at cutoff_len (128 tokens): longer than any row of the other jobs (at most 118).
     long_rows.write_text(json.dumps({"text": " ".join(["word"] * 100)}) + "\n")
     adapters.append(replace(adapters[0], name="huge", data=str(long_rows), batch_size=1,
                             micro_batch_size=1))
-    engine = Engine(_run_config(tiny_llama, tmp_path / "oom", adapters))
-    assert max(len(e.input_ids) for j in engine.jobs.values() if j.name != "huge"
-               for e in j.data.train) < 128 == len(engine.jobs["huge"].data.train[0].input_ids)
-    _fail_when_rows_exceed(engine, rows=100, width=128)
+    engine = Engine(_run_config(tiny_llama, tmp_path / "oom", adapters, packing))
+    _fail_when(engine, lambda jobs: "huge" in jobs)   # it does not fit, even alone
     engine.run()
     huge = engine.jobs["huge"]
     assert huge.state == "paused" and huge.reason.startswith("out of memory")
