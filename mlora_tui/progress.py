@@ -106,7 +106,9 @@ class RunProgress:
         size = f", {params / 1e6:.1f}M parameters" if isinstance(params, (int, float)) else ""
         self.print(f"Base model {event.get('base_model')} ({event.get('model_type')}{size}) on "
                    f"{event.get('device')}, {event.get('dtype')}, attention "
-                   f"{event.get('attn_impl')}; output in {event.get('output_dir')}")
+                   f"{event.get('attn_impl')}"
+                   f"{', sequences packed' if event.get('packing') else ''}; "
+                   f"output in {event.get('output_dir')}")
 
     def _on_job_added(self, event: dict) -> None:
         name = event["job"]

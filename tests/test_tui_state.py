@@ -323,5 +323,10 @@ def test_the_last_batch_shows_where_the_step_time_went():
                                    "optimizer": 0.19, "events": 0.0}})
     batch = state.last_batch
     assert step_summary(batch) == "1.00 s · 3 jobs · 412 tok · 12% pad · 2 passes"
+    # Every pass packed: no padding to speak of; one of two packed: the padding counts.
+    packed = {**batch, "padding": 0.0, "passes": 1, "packed": 1}
+    assert step_summary(packed) == "1.00 s · 3 jobs · 412 tok · packed"
+    assert step_summary({**batch, "packed": 1}) == (
+        "1.00 s · 3 jobs · 412 tok · 12% pad · 2 passes")
     assert phase_shares(batch["seconds"]) == "bwd 50% fwd 30% opt 19% data 1%"
     assert phase_shares({}) == "N/A"

@@ -40,11 +40,15 @@ _PHASES = (("data", "data"), ("forward", "fwd"), ("backward", "bwd"),
 
 
 def step_summary(batch: dict[str, Any]) -> str:
-    """'0.84 s · 3 jobs · 412 tok · 12% pad · 2 passes' of a ``batch`` event."""
+    """'0.84 s · 3 jobs · 412 tok · 12% pad · 2 passes' of a ``batch`` event ('packed'
+    instead of the padding when every pass was packed)."""
     seconds = sum((batch.get("seconds") or {}).values())
     parts = [f"{seconds:.2f} s", f"{len(batch.get('jobs') or [])} jobs",
              f"{batch.get('tokens', 0)} tok"]
-    if batch.get("padding") is not None:
+    packed = batch.get("packed") or 0
+    if packed and packed == batch.get("passes"):
+        parts.append("packed")            # no padding at all
+    elif batch.get("padding") is not None:
         parts.append(f"{100 * batch['padding']:.0f}% pad")
     if (batch.get("passes") or 1) > 1:
         parts.append(f"{batch['passes']} passes")
