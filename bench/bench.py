@@ -71,6 +71,14 @@ SHAPES = {
                       num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
                       tie_word_embeddings=False, max_position_embeddings=2048,
                       rope_theta=10000.0, rms_norm_eps=1e-5),
+    # TinyLlama-1.1B's structure (22 layers, 32 / 4 heads, the same modules and so the
+    # same operations per step) at width 64 with a 512-word vocabulary: the arithmetic is
+    # negligible, so a step's time is what the host spends dispatching its operations, the
+    # floor under a GPU step whatever the GPU's speed.
+    "tinyllama-thin": dict(hidden_size=64, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=176, vocab_size=512,
+                           tie_word_embeddings=False, max_position_embeddings=2048,
+                           rope_theta=10000.0, rms_norm_eps=1e-5),
 }
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # The rows' prompt template. With the tiny test tokenizer (a 320-word BPE) the full alpaca
@@ -239,7 +247,7 @@ def run_config(spec: dict, out_dir: str):
                      "save_step": NEVER,
                      "train_lora_simultaneously_num": max(1, len(spec["adapters"])),
                      "gradient_checkpointing": spec["gradient_checkpointing"],
-                     "packing": spec.get("packing", "auto")},
+                     "packing": spec.get("packing") or "auto"},
            "adapter": adapter_tables(spec)}
     return parse_config(doc, "<bench>", Path(spec["model_dir"]).parent)
 
@@ -947,7 +955,7 @@ def run_series(args) -> dict:
                     "cutoff": args.cutoff, "warmup": args.warmup, "steps": args.steps,
                     "gradient_checkpointing": args.gradient_checkpointing, "threads": threads,
                     "rows_per_file": args.rows_per_file, "length_scale": args.length_scale,
-                    "wait_quiet": args.wait_quiet}
+                    "wait_quiet": args.wait_quiet, "packing": args.packing}
             entry = {"shape": shape, "runs": {}}
             results["models"][name] = entry
             log(f"{name}: building the model folder and planning the data ({tag})")
@@ -1491,6 +1499,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=0,
                    help="override the number of layers of every shape (smoke runs)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                   help="[train] packing of variant A (P always runs padded rows)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per worker (default: all cores; C splits them)")
     p.add_argument("--matmul-tokens", type=int, default=0,

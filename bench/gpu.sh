@@ -13,7 +13,8 @@
 #
 # Parts (GPU): 1. nvidia-smi, torch / transformers / peft versions; 2. tests/test_cuda.py
 # (PYTHONPATH=., the project is not installed there); 3. TinyLlama-1.1B's shape, bf16,
-# N = 1, 4, 8 adapters (8 only if time is left), variants A, B, C; 4. the tiny and
+# N = 1, 4, 8 adapters (8 only if time is left), variants A (packed), P (padded rows), B,
+# C; 4. the tiny and
 # SmolLM2-135M shapes, bf16, N = 1, 8, variants A and B.
 set -u -o pipefail
 
@@ -150,7 +151,10 @@ if [ "$SMOKE" = 1 ]; then
 else
   GPU_SIZES=(--dtype bf16 --steps 10 --warmup 3 --rows 4)
   # TinyLlama first: the reason for the machine. N=8 runs last and only if time is left.
-  bench tinyllama "$T_LLAMA" 30 --model tinyllama --n 1,4,8 "${GPU_SIZES[@]}"
+  # A packs ([train] packing = "on"; "auto" leaves it off on CUDA until measured), P is
+  # the engine on padded rows: their ratio says whether "auto" should pack on a GPU.
+  bench tinyllama "$T_LLAMA" 30 --model tinyllama --n 1,4,8 --variants A,P,B,C --packing on \
+    "${GPU_SIZES[@]}"
   bench small 110 5 --model tiny,smollm2 --n 1,8 --variants A,B "${GPU_SIZES[@]}"
 fi
 

@@ -898,10 +898,20 @@ class Engine:
         total, count = 0.0, 0
         size = job.cfg.micro_batch_size
         for start in range(0, len(job.data.val), size):
-            ids, labels, attention = self._collate(job.data.val[start:start + size])
-            hidden = self.decoder(input_ids=ids.to(self.device),
-                                  attention_mask=attention.to(self.device),
-                                  use_cache=False).last_hidden_state
+            examples = job.data.val[start:start + size]
+            if self._packs(job):   # as the job trains: back to back, no padding
+                row = pack(examples)
+                labels = row.labels
+                inputs = {"input_ids": row.input_ids.to(self.device),
+                          "position_ids": row.position_ids.to(self.device)}
+                with packed_pass(self.model, row.bounds):
+                    hidden = self.decoder(**inputs, attention_mask=None,
+                                          use_cache=False).last_hidden_state
+            else:
+                ids, labels, attention = self._collate(examples)
+                hidden = self.decoder(input_ids=ids.to(self.device),
+                                      attention_mask=attention.to(self.device),
+                                      use_cache=False).last_hidden_state
             loss_sum, n = self._token_loss_sum(hidden, labels)
             total += float(loss_sum)
             count += n

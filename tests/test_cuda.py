@@ -190,3 +190,26 @@ def test_short_run_on_gpu(checkpointing, tiny_llama, data_files, tmp_path):
             assert _max_rel(_weights(engine, cfg.name), _weights(plain, cfg.name)) < 1e-3
     if DEVICE == "cuda":
         assert torch.cuda.max_memory_allocated() > 0
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-4), ("bf16", 0.25)])
+def test_packed_equals_padded_on_the_device(dtype, tolerance, tiny_llama, data_files,
+                                            tmp_path):
+    """[train] packing = "on" (packed rows, attention per example) against padded rows, on
+    the device: the same first-step losses and, in fp32, the same adapters."""
+    adapters = _short(_three_adapters(data_files))
+    for cfg in adapters:
+        cfg.lora_dropout = 0.0      # packed and padded rows draw different dropout masks
+    runs = {}
+    for packing in ("on", "off"):
+        config = _config(tiny_llama, tmp_path / packing, adapters, dtype)
+        config.train.packing = packing
+        runs[packing] = _run(config)
+    (packed, packed_events), (padded, padded_events) = runs["on"], runs["off"]
+    assert packed.packing and not padded.packing
+    assert all(e["packed"] == e["passes"] for e in packed_events if e["type"] == "batch")
+    first, reference = _first_losses(packed_events), _first_losses(padded_events)
+    for cfg in adapters:
+        assert first[cfg.name] == pytest.approx(reference[cfg.name],
+                                                rel=1e-5 if dtype == "fp32" else 1e-2)
+        assert _max_rel(_weights(packed, cfg.name), _weights(padded, cfg.name)) < tolerance

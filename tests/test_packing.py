@@ -133,6 +133,20 @@ def test_packed_jobs_with_dropout_train_together_as_alone(data_file, tmp_path):
             assert diff < 1e-5, f"{name} {key}: {diff:.3g}"
 
 
+def test_evaluation_packed_equals_padded(data_file, tmp_path):
+    model_dir = build_tiny_model("llama", tmp_path / "model")
+    losses = {}
+    for mode in ("on", "off"):
+        config = _config(model_dir, tmp_path / mode, data_file, mode)
+        for adapter in config.adapters:
+            adapter.val_set_size = 5
+        engine, _events = _train(config, 2)     # B is no longer zero
+        losses[mode] = {name: engine.evaluate(job) for name, job in engine.jobs.items()}
+    assert all(value is not None and value > 0 for value in losses["on"].values())
+    for name, value in losses["off"].items():
+        assert losses["on"][name] == pytest.approx(value, rel=1e-5)
+
+
 def test_token_budget_splits_packed_passes_without_changing_results(data_file, tmp_path):
     model_dir = build_tiny_model("llama", tmp_path / "model")
     one, one_events = _train(_config(model_dir, tmp_path / "one", data_file, "on"), 3)
