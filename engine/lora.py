@@ -321,10 +321,12 @@ class MultiLoraLinear(nn.Module):
         """
         deltas = []
         per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
-        runs = _stackable_runs(plain) if flat is not None else [[item] for item in plain]
-        for run in runs:
+        runs = (_stackable_runs(plain) if flat is not None
+                else [[item] for item in sorted(plain, key=lambda item: item[0].start)])
+        inputs = _split_rows(x, [(run[0][0].start, run[-1][0].end) for run in runs])
+        for run, xs in zip(runs, inputs):
             start, end = run[0][0].start, run[-1][0].end
-            xs = x[start:end].float()   # a view of x where x is fp32
+            xs = xs.float()   # a view of x where x is fp32
             pieces = [self._dropped_out(xs[seg.start - start:seg.end - start], seg, adapter)
                       for seg, adapter in run]
             if len(run) > 1:
@@ -351,6 +353,25 @@ class MultiLoraLinear(nn.Module):
         if flat is not None:
             return flat.view(base_out.shape)
         return _add_rows(base_out, deltas)
+
+
+def _split_rows(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Views of ``x``'s rows [start, end) for sorted, disjoint ``ranges``, by one split: its
+    backward is one concatenation, where a slice per range would each write a gradient
+    the size of all of ``x`` in the backward."""
+    sizes, picks, at = [], [], 0
+    for start, end in ranges:
+        if start > at:
+            sizes.append(start - at)
+        picks.append(len(sizes))
+        sizes.append(end - start)
+        at = end
+    if at < x.shape[0]:
+        sizes.append(x.shape[0] - at)
+    if len(sizes) == 1:
+        return [x]
+    parts = x.split(sizes)
+    return [parts[i] for i in picks]
 
 
 def _stackable_runs(plain: list[tuple[Segment, LoraAdapter]]) -> list[list]:

@@ -104,10 +104,15 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     gqa = query.shape[1] != key.shape[1]
+    # One split per tensor, not a slice per example: a split's backward is one
+    # concatenation of the examples' gradients, where each slice's backward would write a
+    # whole zero tensor (examples x tokens of memory traffic in every layer).
+    sizes = [end - start for start, end in bounds]
     outs = []
-    for start, end in bounds:
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if softcap is None and (sliding_window is None or end - start <= sliding_window):
+    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
+                       value.split(sizes, dim=2)):
+        n = q.shape[2]
+        if softcap is None and (sliding_window is None or n <= sliding_window):
             outs.append(F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=causal,
                 scale=scaling, enable_gqa=gqa))
