@@ -71,14 +71,6 @@ SHAPES = {
                       num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
                       tie_word_embeddings=False, max_position_embeddings=2048,
                       rope_theta=10000.0, rms_norm_eps=1e-5),
-    # TinyLlama-1.1B's structure (22 layers, 32 / 4 heads, the same modules and so the
-    # same operations per step) at width 64 with a 512-word vocabulary: the arithmetic is
-    # negligible, so a step's time is what the host spends dispatching its operations, the
-    # floor under a GPU step whatever the GPU's speed.
-    "tinyllama-thin": dict(hidden_size=64, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, intermediate_size=176, vocab_size=512,
-                           tie_word_embeddings=False, max_position_embeddings=2048,
-                           rope_theta=10000.0, rms_norm_eps=1e-5),
 }
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # The rows' prompt template. With the tiny test tokenizer (a 320-word BPE) the full alpaca

@@ -319,7 +319,7 @@ class MultiLoraLinear(nn.Module):
         (0 x NaN = NaN). ``flat``: base_out's own 2-D tensor, to which the deltas may be
         added in place (no copy of the output, no concatenation).
         """
-        deltas = []
+        deltas = []   # (first row, end row, delta of those rows)
         per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
         runs = (_stackable_runs(plain) if flat is not None
                 else [[item] for item in sorted(plain, key=lambda item: item[0].start)])
@@ -327,7 +327,8 @@ class MultiLoraLinear(nn.Module):
         for run, xs in zip(runs, inputs):
             start, end = run[0][0].start, run[-1][0].end
             xs = xs.float()   # a view of x where x is fp32
-            pieces = [self._dropped_out(xs[seg.start - start:seg.end - start], seg, adapter)
+            pieces = [self._dropped_out(xs if len(run) == 1 else
+                                        xs[seg.start - start:seg.end - start], seg, adapter)
                       for seg, adapter in run]
             if len(run) > 1:
                 # One (segments, rows x positions, features) batch for all of the run.
@@ -339,20 +340,39 @@ class MultiLoraLinear(nn.Module):
                 scale = torch.tensor([scale for _, scale in pieces], dtype=torch.float32,
                                      device=xs.device)
                 h = torch.bmm(xs, lora_A.transpose(1, 2)) * scale.view(-1, 1, 1)
-                delta = torch.bmm(h, lora_B.transpose(1, 2))
-                rows = flat[start * per_row:end * per_row]
-                rows.add_(delta.reshape(rows.shape).to(rows.dtype))
+                deltas.append((start, end, torch.bmm(h, lora_B.transpose(1, 2))))
                 continue
             (seg, adapter), (xs, scale) = run[0], pieces[0]
-            if flat is not None:
-                rows = flat[seg.start * per_row:seg.end * per_row]
-                _add_low_rank(rows, xs, adapter.lora_A, adapter.lora_B, scale, rows)
-            else:
-                h = F.linear(xs, adapter.lora_A) * scale
-                deltas.append((seg.start, seg.end, F.linear(h, adapter.lora_B)))
+            if flat is not None and len(runs) == 1 and start * per_row == 0 and (
+                    end * per_row == flat.shape[0]):
+                # One adapter on every row: straight into the output (fp32: one addmm_).
+                _add_low_rank(flat, xs, adapter.lora_A, adapter.lora_B, scale, flat)
+                return flat.view(base_out.shape)
+            h = F.linear(xs, adapter.lora_A) * scale
+            deltas.append((seg.start, seg.end, F.linear(h, adapter.lora_B)))
         if flat is not None:
+            # All deltas as one tensor of every row (zeros where no plain LoRA applies),
+            # added in place in one go: an addition into each segment's rows of the output
+            # would, in the backward, copy the whole output's gradient once per segment.
+            flat.add_(_all_rows(flat, deltas, per_row))
             return flat.view(base_out.shape)
         return _add_rows(base_out, deltas)
+
+
+def _all_rows(flat: torch.Tensor, deltas: list[tuple[int, int, torch.Tensor]],
+              per_row: int) -> torch.Tensor:
+    """The deltas (rows [start, end) of the batch, ``per_row`` rows of ``flat`` each) as one
+    tensor shaped like ``flat``, zero elsewhere, in ``flat``'s dtype."""
+    pieces, at = [], 0
+    width = flat.shape[1]
+    for start, end, delta in sorted(deltas, key=lambda item: item[0]):
+        if start * per_row > at:
+            pieces.append(flat.new_zeros((start * per_row - at, width)))
+        pieces.append(delta.reshape(-1, width).to(flat.dtype))
+        at = end * per_row
+    if at < flat.shape[0]:
+        pieces.append(flat.new_zeros((flat.shape[0] - at, width)))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _split_rows(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
