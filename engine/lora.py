@@ -5,10 +5,11 @@ A batched step concatenates the micro-batches of several jobs along the batch di
 model shares one layout. The base projection runs once over all rows; each adapter's
 delta is computed only on its own rows and added there. Rows of an adapter that does not
 target a module pass through it unchanged. Each plain-LoRA segment is two small matmuls
-with its own adapter's weights, added in place into the base output where the base is a
-plain ``nn.Linear`` (``MultiLoraLinear._grouped_lora``): no copy of the output, and a row
-never meets another adapter's weights, so a NaN in one adapter stays in its job's rows.
-DoRA adapters run one segment at a time through ``LoraAdapter.delta``.
+with its own adapter's weights (``MultiLoraLinear._plain_delta``; back-to-back segments of
+equal rows and rank as one batched pair), each DoRA segment goes through
+``LoraAdapter.delta``; a row never meets another adapter's weights, so a NaN in one adapter
+stays in its job's rows. Where the base is a plain ``nn.Linear`` all deltas are added into
+its output in place, as one tensor of the batch's rows (no copy of the output).
 
 Variants are small pieces on top of plain LoRA, with PEFT's math so adapters load there:
 - rsLoRA: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``;
@@ -265,22 +266,47 @@ class MultiLoraLinear(nn.Module):
                 return base_out + adapter.delta(x, base_out, self.base, None).to(base_out.dtype)
             return _add_low_rank(base_out, x.float(), adapter.lora_A, adapter.lora_B,
                                  adapter.scaling, flat)
-        work = [(seg, self.adapters[seg.adapter]) for seg in layout.segments
-                if seg.adapter is not None and seg.adapter in self.adapters]
+        work = sorted(((seg, self.adapters[seg.adapter]) for seg in layout.segments
+                       if seg.adapter is not None and seg.adapter in self.adapters),
+                      key=lambda item: item[0].start)
         if not work:
             return base_out
-        out = base_out
-        plain = [(seg, adapter) for seg, adapter in work if not adapter.use_dora]
-        if plain:
-            # In place only where no DoRA segment still has to read base_out.
-            out = self._grouped_lora(x, base_out, plain,
-                                     flat if len(plain) == len(work) else None)
-        # DoRA (its own base-weight math) one segment at a time, on the base output.
-        deltas = [(seg.start, seg.end,
-                   adapter.delta(x[seg.start:seg.end], base_out[seg.start:seg.end], self.base,
-                                 self._generator(seg, adapter, x.device), seg.length))
-                  for seg, adapter in work if adapter.use_dora]
-        return _add_rows(out, deltas) if deltas else out
+        per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
+        # Back-to-back plain segments of equal rows and rank form one run (one bmm pair);
+        # a DoRA segment is a run of its own. Each run takes its rows of x by one split.
+        runs = (_stackable_runs(work) if flat is not None else [[item] for item in work])
+        inputs = _split_rows(x, [(run[0][0].start, run[-1][0].end) for run in runs])
+        if (flat is not None and len(runs) == 1 and len(runs[0]) == 1
+                and not runs[0][0][1].use_dora and runs[0][0][0].start == 0
+                and runs[0][0][0].end * per_row == flat.shape[0]):
+            # One plain adapter on every row: straight into the output (fp32: one addmm_).
+            (seg, adapter), = runs[0]
+            xs, scale = self._dropped_out(inputs[0].float(), seg, adapter)
+            _add_low_rank(flat, xs, adapter.lora_A, adapter.lora_B, scale, flat)
+            return flat.view(base_out.shape)
+        dora_outputs = (_split_rows(base_out, [(run[0][0].start, run[0][0].end)
+                                               for run in runs if run[0][1].use_dora])
+                        if any(run[0][1].use_dora for run in runs) else [])
+        deltas = []   # (first row, end row, delta of those rows): every delta first, since
+        for run, xs in zip(runs, inputs):   # DoRA reads base_out, which the sum then updates
+            start, end = run[0][0].start, run[-1][0].end
+            seg, adapter = run[0]
+            if adapter.use_dora:
+                generator = self._generator(seg, adapter, x.device)
+                base_rows = dora_outputs.pop(0)
+                if generator is None and flat is not None and base_rows.dtype == torch.float32:
+                    base_rows = base_rows.clone()   # read after flat's in-place sum below
+                deltas.append((start, end, adapter.delta(xs, base_rows, self.base, generator,
+                                                         seg.length)))
+                continue
+            deltas.append((start, end, self._plain_delta(xs.float(), run)))
+        if flat is not None:
+            # Every delta as one tensor of every row (zeros where no adapter applies), added
+            # in place in one go: an addition into each segment's rows of the output would,
+            # in the backward, copy the whole output's gradient once per segment.
+            flat.add_(_all_rows(flat, deltas, per_row))
+            return flat.view(base_out.shape)
+        return _add_rows(base_out, deltas)
 
     def _generator(self, seg: Segment, adapter: LoraAdapter,
                    device: torch.device) -> torch.Generator | None:
@@ -305,58 +331,34 @@ class MultiLoraLinear(nn.Module):
         mask = _dropout_mask(xs, keep, _seeded_generator(xs.device, seed), seg.length)
         return xs * mask, adapter.scaling / keep
 
-    def _grouped_lora(self, x: torch.Tensor, base_out: torch.Tensor,
-                      plain: list[tuple[Segment, LoraAdapter]],
-                      flat: torch.Tensor | None = None) -> torch.Tensor:
-        """base_out plus every plain-LoRA segment's delta on its own rows.
+    def _plain_delta(self, xs: torch.Tensor, run: list[tuple[Segment, LoraAdapter]]
+                     ) -> torch.Tensor:
+        """The plain-LoRA delta (fp32) of a run's rows ``xs`` (fp32).
 
-        Segments that follow each other with the same number of rows and the same rank run
-        as one batched matmul pair (``torch.bmm`` over the stacked segments and their
-        adapters' stacked A and B, one in-place addition); the others one at a time. Either
-        way a row meets only its own adapter's weights. That is what keeps one job's fault
-        in that job: a block layout that multiplies every row by every adapter and zeroes
-        the foreign columns would spread a NaN or inf of one adapter to all rows
-        (0 x NaN = NaN). ``flat``: base_out's own 2-D tensor, to which the deltas may be
-        added in place (no copy of the output, no concatenation).
+        A run of several segments (back to back, equal rows and rank) is one batched matmul
+        pair: ``torch.bmm`` over the stacked segments and their adapters' stacked A and B.
+        Either way a row meets only its own adapter's weights. That is what keeps one job's
+        fault in that job: a block layout that multiplies every row by every adapter and
+        zeroes the foreign columns would spread a NaN or inf of one adapter to all rows
+        (0 x NaN = NaN).
         """
-        deltas = []   # (first row, end row, delta of those rows)
-        per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
-        runs = (_stackable_runs(plain) if flat is not None
-                else [[item] for item in sorted(plain, key=lambda item: item[0].start)])
-        inputs = _split_rows(x, [(run[0][0].start, run[-1][0].end) for run in runs])
-        for run, xs in zip(runs, inputs):
-            start, end = run[0][0].start, run[-1][0].end
-            xs = xs.float()   # a view of x where x is fp32
-            pieces = [self._dropped_out(xs if len(run) == 1 else
-                                        xs[seg.start - start:seg.end - start], seg, adapter)
-                      for seg, adapter in run]
-            if len(run) > 1:
-                # One (segments, rows x positions, features) batch for all of the run.
-                if any(self._dropout_seed(seg, adapter) is not None for seg, adapter in run):
-                    xs = torch.cat([piece for piece, _ in pieces])
-                xs = xs.reshape(len(run), -1, xs.shape[-1])
-                lora_A = torch.stack([adapter.lora_A for _, adapter in run])
-                lora_B = torch.stack([adapter.lora_B for _, adapter in run])
-                scale = torch.tensor([scale for _, scale in pieces], dtype=torch.float32,
-                                     device=xs.device)
-                h = torch.bmm(xs, lora_A.transpose(1, 2)) * scale.view(-1, 1, 1)
-                deltas.append((start, end, torch.bmm(h, lora_B.transpose(1, 2))))
-                continue
-            (seg, adapter), (xs, scale) = run[0], pieces[0]
-            if flat is not None and len(runs) == 1 and start * per_row == 0 and (
-                    end * per_row == flat.shape[0]):
-                # One adapter on every row: straight into the output (fp32: one addmm_).
-                _add_low_rank(flat, xs, adapter.lora_A, adapter.lora_B, scale, flat)
-                return flat.view(base_out.shape)
-            h = F.linear(xs, adapter.lora_A) * scale
-            deltas.append((seg.start, seg.end, F.linear(h, adapter.lora_B)))
-        if flat is not None:
-            # All deltas as one tensor of every row (zeros where no plain LoRA applies),
-            # added in place in one go: an addition into each segment's rows of the output
-            # would, in the backward, copy the whole output's gradient once per segment.
-            flat.add_(_all_rows(flat, deltas, per_row))
-            return flat.view(base_out.shape)
-        return _add_rows(base_out, deltas)
+        start = run[0][0].start
+        pieces = [self._dropped_out(xs if len(run) == 1 else
+                                    xs[seg.start - start:seg.end - start], seg, adapter)
+                  for seg, adapter in run]
+        if len(run) == 1:
+            (_seg, adapter), (xs, scale) = run[0], pieces[0]
+            return F.linear(F.linear(xs, adapter.lora_A) * scale, adapter.lora_B)
+        # One (segments, rows x positions, features) batch for all of the run.
+        if any(self._dropout_seed(seg, adapter) is not None for seg, adapter in run):
+            xs = torch.cat([piece for piece, _ in pieces])
+        xs = xs.reshape(len(run), -1, xs.shape[-1])
+        lora_A = torch.stack([adapter.lora_A for _, adapter in run])
+        lora_B = torch.stack([adapter.lora_B for _, adapter in run])
+        scale = torch.tensor([scale for _, scale in pieces], dtype=torch.float32,
+                             device=xs.device)
+        h = torch.bmm(xs, lora_A.transpose(1, 2)) * scale.view(-1, 1, 1)
+        return torch.bmm(h, lora_B.transpose(1, 2))
 
 
 def _all_rows(flat: torch.Tensor, deltas: list[tuple[int, int, torch.Tensor]],
@@ -394,13 +396,14 @@ def _split_rows(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Te
     return [parts[i] for i in picks]
 
 
-def _stackable_runs(plain: list[tuple[Segment, LoraAdapter]]) -> list[list]:
-    """``plain`` in row order, cut into runs of back-to-back segments of equal row counts
-    and ranks (each run one batched matmul pair)."""
+def _stackable_runs(work: list[tuple[Segment, LoraAdapter]]) -> list[list]:
+    """``work`` in row order, cut into runs of back-to-back plain segments of equal row
+    counts and ranks (each run one batched matmul pair); a DoRA segment is a run alone."""
     runs: list[list] = []
-    for seg, adapter in sorted(plain, key=lambda item: item[0].start):
+    for seg, adapter in sorted(work, key=lambda item: item[0].start):
         last = runs[-1][-1] if runs else None
         if (last is not None and last[0].end == seg.start and last[1].r == adapter.r
+                and not adapter.use_dora and not last[1].use_dora
                 and last[0].end - last[0].start == seg.end - seg.start):
             runs[-1].append((seg, adapter))
         else:
