@@ -146,7 +146,8 @@ trap 'rm -rf "$CACHE"' EXIT
 
 if [ "$SMOKE" = 1 ]; then
   SIZES=(--steps 1 --warmup 1 --rows 1 --length-scale 0.25 --cutoff 64 --wait-quiet 0)
-  bench tinyllama "$T_LLAMA" 50 --model tinyllama --layers 1 --n 1 --variants A,B "${SIZES[@]}"
+  bench tinyllama "$T_LLAMA" 50 --model tinyllama --layers 1 --n 1 --variants A,P,B --packing on \
+    "${SIZES[@]}"
   bench small 80 5 --model tiny,smollm2 --layers 2 --n 2 --variants A,B,C "${SIZES[@]}"
 else
   GPU_SIZES=(--dtype bf16 --steps 10 --warmup 3 --rows 4)
