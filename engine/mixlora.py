@@ -200,6 +200,7 @@ class RouterBook:
         self.collecting = False
         self.losses: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, dict] = {}
+        self.before: dict[str, dict] = {}   # stats as the current forward pass found them
 
     def record(self, adapter: str, layer: str, loss: Optional[torch.Tensor], tokens: list[int],
                dropped: int, aux: torch.Tensor, z: torch.Tensor) -> None:
@@ -237,11 +238,26 @@ def prepare_router_batch(model: nn.Module, segments: list[Segment],
         return
     book.losses = {}
     book.collecting = True
+    book.before = {name: {"layers": {layer: dict(values, tokens=list(values["tokens"]))
+                                     for layer, values in stats["layers"].items()},
+                          "aux": list(stats["aux"]), "z": list(stats["z"])}
+                   for name, stats in book.stats.items()}
     for seg in segments:
         if seg.adapter in book.adapters:
             width = seg.length if seg.length is not None else attention_mask.shape[1]
             seg.token_mask = attention_mask[seg.start:seg.end, :width].to(
                 device=device, dtype=torch.bool)
+
+
+def discard_router_batch(model: nn.Module) -> None:
+    """A forward pass that failed (out of memory) and will be retried: forget what it
+    recorded, so that the retry's statistics are not counted twice."""
+    book = _BOOKS.get(model)
+    if book is None:
+        return
+    book.stats, book.before = book.before, {}
+    book.losses = {}
+    book.collecting = False
 
 
 def router_losses(model: nn.Module) -> dict[str, torch.Tensor]:

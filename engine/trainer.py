@@ -39,9 +39,9 @@ from engine.errors import ConfigError, UserError
 from engine.jsonlog import open_log
 from engine.outputs import write_run_record
 from engine.lora import BatchLayout, Segment, mix_seed
-from engine.mixlora import (attach_mixlora, extend_param_groups, is_mixlora,
-                            mixlora_peft_fields, mixlora_targets, prepare_router_batch,
-                            router_losses, take_router_stats)
+from engine.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
+                            is_mixlora, mixlora_peft_fields, mixlora_targets,
+                            prepare_router_batch, router_losses, take_router_stats)
 from engine.loss import chunked_head_loss
 from engine.packing import pack, packed_pass, packing_problem
 from engine.models import (default_targets, enable_gradient_checkpointing,
@@ -704,6 +704,7 @@ class Engine:
             try:
                 losses.update(self._forward_backward(packed, group, clock, totals))
             except torch.OutOfMemoryError:
+                discard_router_batch(self.model)   # MixLoRA: the pass's partial statistics
                 self._free_memory()
                 if len(group) > 1:
                     self._split_passes = True

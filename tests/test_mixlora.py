@@ -591,3 +591,30 @@ def test_convert_carries_mixlora_fields_over(tmp_path):
                      "# router_dyn_loss_coef = 0.01  # no equivalent",
                      "# num_experts = 8  # MixLoRA field without routing_strategy"):
         assert fragment in text, fragment
+
+
+def test_a_pass_retried_after_out_of_memory_counts_its_router_tokens_once(data_files,
+                                                                          tmp_path_factory):
+    """Out of memory in the last layer, after the first layer's router recorded its tokens:
+    the step is retried one job per pass, and the router statistics equal a run without
+    the fault."""
+    model_dir = tiny_model_dir("llama", tmp_path_factory)
+    adapters = [cfg for cfg in _adapters("llama", data_files) if cfg.name in ("mixA", "plain")]
+    runs = {}
+    for fault in (False, True):
+        config = _run_config(model_dir, tmp_path_factory.mktemp(f"oom-{fault}"), adapters)
+        config.train.packing = "off"            # both jobs in one pass, until it fails
+        events: list[dict] = []
+        engine = Engine(config, on_event=events.append, write_metrics=False)
+        engine.pass_overhead = 10**9
+        if fault:
+            def fail(_module, _args, _kwargs, engine=engine):
+                if len(engine.layout.segments) > 1:
+                    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            engine.decoder.layers[-1].register_forward_pre_hook(fail, with_kwargs=True)
+        engine.run(max_steps=3)
+        runs[fault] = events
+    routers = {fault: [(e["step"], e["layers"]) for e in events if e["type"] == "router"]
+               for fault, events in runs.items()}
+    assert any("out of memory" in e.get("message", "") for e in runs[True] if e["type"] == "log")
+    assert routers[False] and routers[True] == routers[False]
