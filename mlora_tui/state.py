@@ -192,7 +192,8 @@ class EngineState:
 
     def _on_run_start(self, ev: dict[str, Any]) -> None:
         self.model = {k: ev.get(k) for k in ("device", "dtype", "quantize", "attn_impl",
-                                             "model_type", "num_params", "base_model")
+                                             "packing", "model_type", "num_params",
+                                             "base_model")
                       if k in ev}
         self.output_dir = ev.get("output_dir", self.output_dir)
         self._log(ev, "info", f"engine started: {ev.get('model_type', 'model')} on "

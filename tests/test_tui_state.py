@@ -314,7 +314,7 @@ def test_plot_overlay_gives_each_series_its_cells_and_style():
 
 
 def test_the_last_batch_shows_where_the_step_time_went():
-    from mlora_tui.widgets.backend_pane import phase_shares, step_summary
+    from mlora_tui.widgets.backend_pane import attention_text, phase_shares, step_summary
 
     state = EngineState()
     state.apply_event({"type": "batch", "seq": 1, "jobs": ["a", "b", "c"], "rows": 6,
@@ -323,6 +323,9 @@ def test_the_last_batch_shows_where_the_step_time_went():
                                    "optimizer": 0.19, "events": 0.0}})
     batch = state.last_batch
     assert step_summary(batch) == "1.00 s · 3 jobs · 412 tok · 12% pad · 2 passes"
+    state.apply_event({"type": "run_start", "seq": 2, "attn_impl": "sdpa", "packing": True})
+    assert attention_text(state.model) == "sdpa, sequences packed"
+    assert attention_text({"attn_impl": "eager", "packing": False}) == "eager"
     # Every pass packed: no padding to speak of; one of two packed: the padding counts.
     packed = {**batch, "padding": 0.0, "passes": 1, "packed": 1}
     assert step_summary(packed) == "1.00 s · 3 jobs · 412 tok · packed"

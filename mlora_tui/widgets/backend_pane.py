@@ -39,6 +39,12 @@ _PHASES = (("data", "data"), ("forward", "fwd"), ("backward", "bwd"),
            ("optimizer", "opt"), ("events", "events"), ("checkpoint", "ckpt"))
 
 
+def attention_text(model: dict[str, Any]) -> str:
+    """'sdpa, sequences packed': the attention implementation, and whether training packs."""
+    text = model.get("attn_impl") or fmt.DASH
+    return text + ", sequences packed" if model.get("packing") else text
+
+
 def step_summary(batch: dict[str, Any]) -> str:
     """'0.84 s · 3 jobs · 412 tok · 12% pad · 2 passes' of a ``batch`` event ('packed'
     instead of the padding when every pass was packed)."""
@@ -95,7 +101,7 @@ class BackendPane(Static):
         kind = device.split(":")[0] if device else None
         table.add_row("device", Text(f"{device} ({kind})" if device else fmt.DASH))
         table.add_row("dtype", Text(model.get("dtype") or fmt.DASH))
-        table.add_row("attention", Text(model.get("attn_impl") or fmt.DASH))
+        table.add_row("attention", Text(attention_text(model)))
         table.add_row("quantize", Text(model.get("quantize") or "none"))
         if model.get("model_type"):
             table.add_row("model", Text(f"{model['model_type']}, "
