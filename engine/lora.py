@@ -51,6 +51,9 @@ class Segment:
     # (rows, length) bool: the job's real (non-padding) tokens; MixLoRA routes and takes its
     # router losses over these only (engine.mixlora.prepare_router_batch sets it).
     token_mask: torch.Tensor | None = None
+    # Packed passes: (tokens,) long, each token's example within the job's micro-batch
+    # (MixLoRA's per-sequence expert capacity); every token of a packed segment is real.
+    token_rows: torch.Tensor | None = None
 
 
 @dataclass

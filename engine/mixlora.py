@@ -243,7 +243,7 @@ def prepare_router_batch(model: nn.Module, segments: list[Segment],
                           "aux": list(stats["aux"]), "z": list(stats["z"])}
                    for name, stats in book.stats.items()}
     for seg in segments:
-        if seg.adapter in book.adapters:
+        if seg.adapter in book.adapters and seg.token_rows is None:   # padded rows
             width = seg.length if seg.length is not None else attention_mask.shape[1]
             seg.token_mask = attention_mask[seg.start:seg.end, :width].to(
                 device=device, dtype=torch.bool)
@@ -553,6 +553,8 @@ def _tokens(seg: Optional[Segment], count: int, width: int,
     if seg is None:
         pos = torch.arange(count, device=device)
         return pos, pos // width
+    if seg.token_rows is not None:   # a packed pass: the segment's positions, all real
+        return torch.arange(seg.start, seg.end, device=device), seg.token_rows
     length = min(seg.length if seg.length is not None else width, width)
     mask = getattr(seg, "token_mask", None)
     if mask is None:

@@ -757,16 +757,21 @@ class Engine:
                   passes=totals["passes"], packed=totals["packed"], seconds=clock.laps)
 
     def _plan(self, micro: list) -> list[tuple[bool, list]]:
-        """The step's passes: (packed, micro-batches). Jobs that pack share packed passes
-        (all in one, or as many as ``max_tokens_per_step`` asks); the others (MixLoRA, or
-        every job when packing is off) go into padded passes of similar lengths."""
+        """The step's passes: (packed, micro-batches). With packing, every micro-batch in
+        one packed pass, or in as many as ``max_tokens_per_step`` asks; without, padded
+        passes of similar lengths (``plan_passes``). After an out-of-memory error, one
+        pass per job."""
         if self._split_passes:
-            return [(self._packs(item[0]), [item]) for item in micro]
-        packable = [item for item in micro if self._packs(item[0])]
-        padded = [item for item in micro if not self._packs(item[0])]
+            return [(self.packing, [item]) for item in micro]
+        budget = self.config.train.max_tokens_per_step
+        if not self.packing:
+            widths = [(len(examples), max(len(e.input_ids) for e in examples))
+                      for _job, _indices, examples in micro]
+            return [(False, [micro[i] for i in group])
+                    for group in plan_passes(widths, budget, self.pass_overhead)]
         passes: list[tuple[bool, list]] = []
-        budget, current, tokens = self.config.train.max_tokens_per_step, [], 0
-        for item in packable:
+        current, tokens = [], 0
+        for item in micro:
             size = sum(len(e.input_ids) for e in item[2])
             if current and budget and tokens + size > budget:
                 passes.append((True, current))
@@ -775,17 +780,7 @@ class Engine:
             tokens += size
         if current:
             passes.append((True, current))
-        if padded:
-            widths = [(len(examples), max(len(e.input_ids) for e in examples))
-                      for _job, _indices, examples in padded]
-            plan = plan_passes(widths, budget, self.pass_overhead)
-            passes += [(False, [padded[i] for i in group]) for group in plan]
         return passes
-
-    def _packs(self, job: Job) -> bool:
-        """Whether this job's micro-batches go into packed passes (never MixLoRA's: its
-        routing works on padded rows)."""
-        return self.packing and not is_mixlora(job.cfg)
 
     def _forward_backward(self, packed: bool, group: list, clock: _StepClock,
                           totals: dict) -> dict:
@@ -798,9 +793,12 @@ class Engine:
         segments, start = [], 0
         for job, _indices, chunk in group:
             if packed:   # token ranges of the packed row; masks drawn per real token
-                size = sum(len(e.input_ids) for e in chunk)
-                segments.append(Segment(job.name, start, start + size, None,
-                                        job.dropout_seed()))
+                lengths = torch.tensor([len(e.input_ids) for e in chunk])
+                size = int(lengths.sum())
+                segments.append(Segment(
+                    job.name, start, start + size, None, job.dropout_seed(),
+                    token_rows=torch.arange(len(chunk)).repeat_interleave(lengths).to(
+                        self.device) if is_mixlora(job.cfg) else None))
                 start += size
             else:
                 own_width = max(len(e.input_ids) for e in chunk)
@@ -900,7 +898,7 @@ class Engine:
         size = job.cfg.micro_batch_size
         for start in range(0, len(job.data.val), size):
             examples = job.data.val[start:start + size]
-            if self._packs(job):   # as the job trains: back to back, no padding
+            if self.packing:   # as the jobs train: back to back, no padding
                 row = pack(examples)
                 labels = row.labels
                 inputs = {"input_ids": row.input_ids.to(self.device),
