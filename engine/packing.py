@@ -69,21 +69,26 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def _eager(query, key, value, scaling, causal, window, softcap):
-    """Attention of one example, written out: for soft-capped logits and sliding windows."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    n = query.shape[2]
-    i = torch.arange(n, device=query.device).view(-1, 1)
-    j = torch.arange(n, device=query.device).view(1, -1)
-    allowed = torch.ones((n, n), dtype=torch.bool, device=query.device)
+def _allowed(n: int, causal: bool, window: int | None, device) -> torch.Tensor:
+    """(n, n) bool: which keys each query of an example may attend to (transformers'
+    semantics: causal, and within ``window`` positions)."""
+    i = torch.arange(n, device=device).view(-1, 1)
+    j = torch.arange(n, device=device).view(1, -1)
+    allowed = torch.ones((n, n), dtype=torch.bool, device=device)
     if causal:
         allowed = allowed & (j <= i)
     if window is not None:
         allowed = allowed & (i - j < window) & (j - i < window)
+    return allowed
+
+
+def _eager(query, key, value, scaling, causal, window, softcap):
+    """Attention of one example, written out: for soft-capped logits (SDPA has no cap)."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    allowed = _allowed(query.shape[2], causal, window, query.device)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value)
@@ -112,12 +117,19 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
                        value.split(sizes, dim=2)):
         n = q.shape[2]
-        if softcap is None and (sliding_window is None or n <= sliding_window):
-            outs.append(F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=causal,
-                scale=scaling, enable_gqa=gqa))
-        else:
+        dropout_p = dropout if module.training else 0.0
+        if softcap is not None:
             outs.append(_eager(q, k, v, scaling, causal, sliding_window, softcap))
+        elif sliding_window is None or n <= sliding_window:
+            outs.append(F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scaling,
+                **({"enable_gqa": True} if gqa else {})))
+        else:   # an example longer than the window: SDPA with the band as its mask
+            n_rep = q.shape[1] // k.shape[1]
+            outs.append(F.scaled_dot_product_attention(
+                q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep),
+                attn_mask=_allowed(n, causal, sliding_window, q.device),
+                dropout_p=dropout_p, scale=scaling))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

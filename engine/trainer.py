@@ -797,29 +797,33 @@ class Engine:
                 size = int(lengths.sum())
                 segments.append(Segment(
                     job.name, start, start + size, None, job.dropout_seed(),
-                    token_rows=torch.arange(len(chunk)).repeat_interleave(lengths).to(
-                        self.device) if is_mixlora(job.cfg) else None))
+                    token_rows=torch.arange(len(chunk)).repeat_interleave(lengths)
+                    if is_mixlora(job.cfg) else None))
                 start += size
             else:
                 own_width = max(len(e.input_ids) for e in chunk)
                 segments.append(Segment(job.name, start, start + len(chunk), own_width,
                                         job.dropout_seed()))
                 start += len(chunk)
-        self.layout.set_segments(segments, packed=packed)
         if packed:
             row = pack(examples)
             labels, real = row.labels, row.input_ids.new_ones(row.input_ids.shape)
             context = packed_pass(self.model, row.bounds)
-            inputs = {"input_ids": row.input_ids.to(self.device),
-                      "position_ids": row.position_ids.to(self.device),
+            inputs = {"input_ids": row.input_ids, "position_ids": row.position_ids,
                       "attention_mask": None}
         else:
             input_ids, labels, real = self._collate(examples)
             context = contextlib.nullcontext()
-            inputs = {"input_ids": input_ids.to(self.device),
-                      "attention_mask": real.to(self.device)}
+            inputs = {"input_ids": input_ids, "attention_mask": real}
         # MixLoRA hook: token masks on its segments; record router losses in this forward.
+        # First of anything on the device: a pass that fails after it (out of memory) is
+        # the one whose router statistics are discarded.
         prepare_router_batch(self.model, segments, real, self.device)
+        for seg in segments:
+            if seg.token_rows is not None:
+                seg.token_rows = seg.token_rows.to(self.device)
+        inputs = {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
+        self.layout.set_segments(segments, packed=packed)
         with context:   # packed attention for the forward and the backward's recomputation
             hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
             router = router_losses(self.model)  # MixLoRA: {job: its router loss}
@@ -963,6 +967,7 @@ class Engine:
         manifest = {"format": ckpt.FORMAT, "engine_step": self.engine_step,
                     "model": asdict(self.config.model),
                     "train": self._resume_train_settings(),
+                    "packed": self.packing,   # the layout decides the dropout masks
                     "jobs": jobs}
         files[ckpt.ENGINE_FILE] = (json.dumps(manifest, indent=1) + "\n").encode()
         try:
@@ -1014,6 +1019,15 @@ class Engine:
 
     def _restore(self, path: Path, manifest: dict) -> None:
         """Every job of the checkpoint, exactly where it was."""
+        packed = manifest.get("packed")
+        if packed is not None and packed != self.packing:
+            # Packed and padded passes draw different dropout masks: the run would go on
+            # with other masks than it started with. ("auto" packs on a CPU only.)
+            raise ConfigError(
+                f"cannot resume from {path}: it trained with sequence packing "
+                f"{'on' if packed else 'off'}, and this run would train with it "
+                f"{'on' if self.packing else 'off'}; set packing = "
+                f"\"{'on' if packed else 'off'}\" to resume", table="train", field="packing")
         configs = {cfg.name: cfg for cfg in self.config.adapters}
         for saved in manifest["jobs"]:
             cfg = configs.get(saved["name"]) or AdapterConfig(**saved["adapter"])

@@ -1,8 +1,8 @@
 """Every supported model family trains with its default targets, batched exactly.
 
-For each tiny model: two adapters (LoRA and DoRA, dropout on) trained together with the
-family's default target modules; the loss is finite and the adapter moved; each adapter
-equals the same adapter trained alone.
+For each tiny model, in packed and in padded passes: two adapters (LoRA and DoRA, dropout
+on) trained together with the family's default target modules; the loss is finite and the
+adapter moved; each adapter equals the same adapter trained alone.
 """
 
 from __future__ import annotations
@@ -34,17 +34,21 @@ def _adapters(data_file):
             AdapterConfig(name="dora", r=2, lora_alpha=4, use_dora=True, seed=5, **common)]
 
 
-def _engine(model_dir, out, adapters):
+def _engine(model_dir, out, adapters, packing):
     return Engine(RunConfig(model=ModelConfig(base_model=str(model_dir)),
-                            train=TrainConfig(output_dir=str(out), cutoff_len=64),
+                            train=TrainConfig(output_dir=str(out), cutoff_len=64,
+                                              packing=packing),
                             adapters=adapters))
 
 
+# Both layouts of a pass: packed (the CPU's default) and padded rows (the GPU's).
+@pytest.mark.parametrize("packing", ["on", "off"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_trains_with_default_targets(family, data_file, tmp_path, tmp_path_factory):
+def test_family_trains_with_default_targets(family, packing, data_file, tmp_path,
+                                            tmp_path_factory):
     model_dir = tiny_model_dir(family, tmp_path_factory)
     events = []
-    together = _engine(model_dir, tmp_path / "together", _adapters(data_file))
+    together = _engine(model_dir, tmp_path / "together", _adapters(data_file), packing)
     together.on_event = events.append
     together.run()
     steps = [e for e in events if e["type"] == "step"]
@@ -55,7 +59,7 @@ def test_family_trains_with_default_targets(family, data_file, tmp_path, tmp_pat
     for cfg in _adapters(data_file):
         trained = adapter_state_dict(together.model, cfg.name)
         assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
-        alone = _engine(model_dir, tmp_path / cfg.name, [cfg])
+        alone = _engine(model_dir, tmp_path / cfg.name, [cfg], packing)
         alone.run()
         expected = adapter_state_dict(alone.model, cfg.name)
         for key, value in expected.items():

@@ -36,8 +36,9 @@ def learnable_llama(tmp_path_factory):
     return build_tiny_model("llama", tmp_path_factory.mktemp("q") / "m", initializer_range=0.2)
 
 
-@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
-def test_qlora_trains_and_reloads_in_peft(quantize, data_file, tmp_path, learnable_llama):
+@pytest.mark.parametrize("quantize,packing", [("4bit", "on"), ("8bit", "on"), ("4bit", "off")])
+def test_qlora_trains_and_reloads_in_peft(quantize, packing, data_file, tmp_path,
+                                          learnable_llama):
     model_dir = learnable_llama
     adapters = [AdapterConfig(name=name, data=data_file, prompt="none", r=4, lora_alpha=8,
                               lora_dropout=0.0, use_dora=name == "dora", batch_size=4,
@@ -45,7 +46,8 @@ def test_qlora_trains_and_reloads_in_peft(quantize, data_file, tmp_path, learnab
                               target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
                 for name in ("lora", "dora")]
     config = RunConfig(model=ModelConfig(base_model=str(model_dir), quantize=quantize),
-                       train=TrainConfig(output_dir=str(tmp_path), cutoff_len=64),
+                       train=TrainConfig(output_dir=str(tmp_path), cutoff_len=64,
+                                         packing=packing),
                        adapters=adapters)
     events = []
     engine = Engine(config, on_event=events.append)
@@ -143,6 +145,9 @@ def test_4bit_base_passes_gradients_after_a_forward_without_them(tmp_path, learn
     engine = Engine(config, write_metrics=False)
     layer = engine.model.model.layers[0].mlp.down_proj
     assert type(layer).__name__ == "Linear4bit"
+    # What the fix does, whatever this CPU has (the behaviour below needs AVX512-BF16).
+    assert all(not m.support_avx512bf16_for_cpu for m in engine.model.modules()
+               if type(m).__name__ == "Linear4bit")
     ids = torch.tensor([[3, 5, 7, 9]])
     with torch.no_grad():
         engine.decoder(input_ids=ids, use_cache=False)         # the no-gradient forward

@@ -128,6 +128,20 @@ def test_resume_refuses_a_config_that_changed_and_says_what(tiny_llama, data_fil
         Engine(config, resume=True)
 
 
+def test_resume_refuses_another_packing_layout(tiny_llama, data_files, tmp_path):
+    """Packed and padded passes draw different dropout masks: a run resumes in the layout
+    it trained in ("auto" packs on a CPU; "on" is the same layout and resumes)."""
+    out = tmp_path / "run"
+    Engine(_config(tiny_llama, out, data_files, packing="auto")).run(max_steps=2)
+    with pytest.raises(UserError) as caught:
+        Engine(_config(tiny_llama, out, data_files, packing="off"), resume=True)
+    message = str(caught.value)
+    assert "[train] packing" in message and "step-2" in message
+    assert 'set packing = "on" to resume' in message
+    resumed = Engine(_config(tiny_llama, out, data_files, packing="on"), resume=True)
+    assert resumed.engine_step == 2
+
+
 def test_resume_without_a_checkpoint_starts_over_and_says_so(tiny_llama, data_files, tmp_path):
     events = []
     engine = Engine(_config(tiny_llama, tmp_path / "fresh", data_files), on_event=events.append,
