@@ -33,8 +33,10 @@ Exactness: everything random (router jitter, expert LoRA dropout, ffn_dropout) i
 generators seeded by the segment's dropout seed and the layer's name, and drawn only for the
 job's own real tokens, so a job draws the same numbers alone or batched with others, and a
 recomputed forward (gradient checkpointing) draws them again. Router losses and statistics
-cover the job's own non-padding tokens only (``Segment.token_mask``, set by
-``prepare_router_batch``).
+cover the job's own non-padding tokens only (padded rows: ``Segment.token_mask``, set by
+``prepare_router_batch``; a packed pass: every position of the segment, with
+``Segment.token_rows`` giving each token's example), in row order either way, so packed
+and padded passes route and draw alike.
 
 Router losses (docs/mixlora.md): per layer and micro-batch, over the job's real tokens,
 ``aux = E * sum_i f_i P_i`` (f_i: the share of expert choices that went to expert i before
