@@ -415,12 +415,8 @@ class MixLoraExperts(nn.Module):
         adapt_inputs = self.act is not None or any(p in self.experts[0] for p in kind.inputs)
         if adapt_inputs:
             act = self.act if self.act is not None else base_act
-            pieces, start = [], 0
-            for e, size in enumerate(sizes):
-                if size == 0:
-                    continue
-                rows_e = slice(start, start + size)
-                start += size
+            pieces = []
+            for e, rows_e in _expert_rows(sizes):
                 adapters = self.experts[e]
                 values = []
                 for j, proj in enumerate(kind.inputs):
@@ -446,12 +442,8 @@ class MixLoraExperts(nn.Module):
         if kind.output in self.experts[0]:
             out_base = _base(getattr(mlp, kind.output))
             base_on_h = out + base_out[token].float()   # out_base(h): what DoRA rescales
-            pieces, start = [], 0
-            for e, size in enumerate(sizes):
-                if size == 0:
-                    continue
-                rows_e = slice(start, start + size)
-                start += size
+            pieces = []
+            for e, rows_e in _expert_rows(sizes):
                 adapter = self.experts[e][kind.output]
                 pieces.append(adapter.delta(h[rows_e], base_on_h[rows_e], out_base,
                                             dropout_generator(kind.output, e, adapter)))
@@ -543,6 +535,16 @@ class MixLoraFFN(nn.Module):
             deltas.append(delta.to(flat_out.dtype))
         flat_out = flat_out.index_add(0, torch.cat(positions), torch.cat(deltas))
         return flat_out.view(shape)
+
+
+def _expert_rows(sizes: list[int]):
+    """(expert, its slice) of (token, expert) pairs sorted by expert, ``sizes[e]`` pairs
+    each; experts that got none are skipped."""
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            yield e, slice(start, start + size)
+        start += size
 
 
 def _tokens(seg: Optional[Segment], count: int, width: int,

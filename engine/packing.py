@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from engine.data import IGNORE_INDEX
 
@@ -65,10 +66,6 @@ def pack(examples: list) -> Packed:
     return Packed(row(ids), row(labels), row(positions), bounds)
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
 def _allowed(n: int, causal: bool, window: int | None, device) -> torch.Tensor:
     """(n, n) bool: which keys each query of an example may attend to (transformers'
     semantics: causal, and within ``window`` positions)."""
@@ -85,7 +82,7 @@ def _allowed(n: int, causal: bool, window: int | None, device) -> torch.Tensor:
 def _eager(query, key, value, scaling, causal, window, softcap):
     """Attention of one example, written out: for soft-capped logits (SDPA has no cap)."""
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     allowed = _allowed(query.shape[2], causal, window, query.device)
@@ -127,7 +124,7 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         else:   # an example longer than the window: SDPA with the band as its mask
             n_rep = q.shape[1] // k.shape[1]
             outs.append(F.scaled_dot_product_attention(
-                q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep),
+                q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
                 attn_mask=_allowed(n, causal, sliding_window, q.device),
                 dropout_p=dropout_p, scale=scaling))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -805,16 +805,7 @@ class Engine:
                 segments.append(Segment(job.name, start, start + len(chunk), own_width,
                                         job.dropout_seed()))
                 start += len(chunk)
-        if packed:
-            row = pack(examples)
-            labels, real = row.labels, row.input_ids.new_ones(row.input_ids.shape)
-            context = packed_pass(self.model, row.bounds)
-            inputs = {"input_ids": row.input_ids, "position_ids": row.position_ids,
-                      "attention_mask": None}
-        else:
-            input_ids, labels, real = self._collate(examples)
-            context = contextlib.nullcontext()
-            inputs = {"input_ids": input_ids, "attention_mask": real}
+        inputs, labels, real, context = self._batch(examples, packed)
         # MixLoRA hook: token masks on its segments; record router losses in this forward.
         # First of anything on the device: a pass that fails after it (out of memory) is
         # the one whose router statistics are discarded.
@@ -822,7 +813,7 @@ class Engine:
         for seg in segments:
             if seg.token_rows is not None:
                 seg.token_rows = seg.token_rows.to(self.device)
-        inputs = {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
+        inputs = self._on_device(inputs)
         self.layout.set_segments(segments, packed=packed)
         with context:   # packed attention for the forward and the backward's recomputation
             hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
@@ -874,6 +865,23 @@ class Engine:
     def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id)
 
+    def _batch(self, examples: list, packed: bool):
+        """(the decoder's inputs, labels, real-token mask, the context to run it in) of
+        ``examples``, on the CPU: one packed row (attention per example inside the
+        context), or right-padded rows."""
+        if packed:
+            row = pack(examples)
+            inputs = {"input_ids": row.input_ids, "position_ids": row.position_ids,
+                      "attention_mask": None}
+            return (inputs, row.labels, row.input_ids.new_ones(row.input_ids.shape),
+                    packed_pass(self.model, row.bounds))
+        input_ids, labels, real = self._collate(examples)
+        return ({"input_ids": input_ids, "attention_mask": real}, labels, real,
+                contextlib.nullcontext())
+
+    def _on_device(self, inputs: dict) -> dict:
+        return {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
+
     def _token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
         """Summed cross-entropy over the target tokens of these rows, and their count.
 
@@ -901,19 +909,11 @@ class Engine:
         total, count = 0.0, 0
         size = job.cfg.micro_batch_size
         for start in range(0, len(job.data.val), size):
-            examples = job.data.val[start:start + size]
-            if self.packing:   # as the jobs train: back to back, no padding
-                row = pack(examples)
-                labels = row.labels
-                inputs = {"input_ids": row.input_ids.to(self.device),
-                          "position_ids": row.position_ids.to(self.device)}
-                with packed_pass(self.model, row.bounds):
-                    hidden = self.decoder(**inputs, attention_mask=None,
-                                          use_cache=False).last_hidden_state
-            else:
-                ids, labels, attention = self._collate(examples)
-                hidden = self.decoder(input_ids=ids.to(self.device),
-                                      attention_mask=attention.to(self.device),
+            # Laid out as the jobs train (packed or padded).
+            inputs, labels, _real, context = self._batch(job.data.val[start:start + size],
+                                                         self.packing)
+            with context:
+                hidden = self.decoder(**self._on_device(inputs),
                                       use_cache=False).last_hidden_state
             loss_sum, n = self._token_loss_sum(hidden, labels)
             total += float(loss_sum)

@@ -70,6 +70,13 @@ def _weights(engine: Engine, name: str) -> dict[str, torch.Tensor]:
     return adapter_state_dict(engine.model, name)
 
 
+def _assert_close(mine: dict, reference: dict, rtol: float, what: str) -> None:
+    """Every tensor of ``reference`` within ``rtol`` (relative norm) in ``mine``."""
+    for key in reference:
+        diff = (mine[key] - reference[key]).norm() / reference[key].norm().clamp_min(1e-12)
+        assert diff < rtol, f"{what} {key}: {diff:.3g}"
+
+
 def _losses(events: list[dict]) -> list[tuple[str, int, float]]:
     return [(e["job"], e["step"], e["loss"]) for e in events if e["type"] == "step"]
 
@@ -112,9 +119,7 @@ def test_packed_training_equals_padded_training(family, data_file, tmp_path):
     for name in ("a", "b"):
         mine, reference = _weights(packed, name), _weights(padded, name)
         assert mine.keys() == reference.keys()
-        for key in reference:
-            diff = (mine[key] - reference[key]).norm() / reference[key].norm()
-            assert diff < 1e-4, f"{family} {name} {key}: {diff:.3g}"
+        _assert_close(mine, reference, 1e-4, f"{family} {name}")
         # Training moved the adapter (B starts at zero).
         assert any(v.abs().max() > 0 for k, v in mine.items() if "lora_B" in k)
 
@@ -132,9 +137,7 @@ def test_packed_jobs_with_dropout_train_together_as_alone(data_file, tmp_path):
         config.adapters = [a for a in config.adapters if a.name == name]
         alone, _ = _train(config, 4)
         mine, reference = _weights(together, name), _weights(alone, name)
-        for key in reference:
-            diff = (mine[key] - reference[key]).norm() / reference[key].norm()
-            assert diff < 1e-5, f"{name} {key}: {diff:.3g}"
+        _assert_close(mine, reference, 1e-5, name)
 
 
 def test_evaluation_packed_equals_padded(data_file, tmp_path):
@@ -160,9 +163,7 @@ def test_token_budget_splits_packed_passes_without_changing_results(data_file, t
     assert all(b["passes"] == b["packed"] == 2 for b in split_events if b["type"] == "batch")
     for name in ("a", "b"):
         mine, reference = _weights(split, name), _weights(one, name)
-        for key in reference:
-            diff = (mine[key] - reference[key]).norm() / reference[key].norm()
-            assert diff < 1e-5, f"{name} {key}: {diff:.3g}"
+        _assert_close(mine, reference, 1e-5, name)
 
 
 def test_probe_refuses_attention_that_crosses_examples(tmp_path, monkeypatch):
@@ -263,6 +264,4 @@ def test_packed_mixlora_equals_padded(strategy, data_file, tmp_path):
     for name in ("mix", "b"):
         mine, reference = _weights(packed, name), _weights(padded, name)
         assert mine.keys() == reference.keys()
-        for key in reference:
-            diff = (mine[key] - reference[key]).norm() / reference[key].norm().clamp_min(1e-12)
-            assert diff < 1e-4, f"{strategy} {name} {key}: {diff:.3g}"
+        _assert_close(mine, reference, 1e-4, f"{strategy} {name}")
