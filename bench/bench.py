@@ -19,7 +19,7 @@ All variants read the same synthetic Alpaca rows (a jsonl per adapter, fixed see
 lengths) through the engine's own data pipeline, so step k is the same micro-batch of the
 same encoded rows everywhere. Reported per variant: tokens/s, step time (median,
 p10-p90), the phase breakdown, padding, peak memory (CPU: the process's VmHWM; CUDA:
-``torch.cuda.max_memory_allocated``) beside ``engine.memory``'s estimate when that module
+``torch.cuda.max_memory_allocated``) beside ``engine.core.memory``'s estimate when that module
 exists, and model FLOP utilisation against a matmul rate measured in the same workers.
 BENCHMARKS.md ("Engine vs PEFT by model and number of adapters") has the method and
 the formulas.
@@ -231,7 +231,7 @@ def adapter_tables(spec: dict) -> list[dict]:
 
 def run_config(spec: dict, out_dir: str):
     """The RunConfig for ``spec``'s adapters, validated by the engine's own parser."""
-    from engine.config import parse_config
+    from engine.core.config import parse_config
 
     doc = {"model": {"base_model": spec["model_dir"], "dtype": spec["dtype"],
                      "attn_impl": spec["attn_impl"]},
@@ -391,8 +391,8 @@ def work_prepare(spec: dict, res: ResultFile) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_tokenizer import build_tiny_tokenizer
 
-    from engine.data import JobData
-    from engine.prompts import load_template
+    from engine.core.data import JobData
+    from engine.core.prompts import load_template
 
     tokenizer = build_tiny_tokenizer()
     words = one_token_words(tokenizer)
@@ -427,7 +427,7 @@ def work_prepare(spec: dict, res: ResultFile) -> None:
     template = load_template(PROMPT)
     total = spec["warmup"] + spec["steps"]
     lengths, targets, plans, warnings = {}, {}, {}, []
-    from engine.config import AdapterConfig
+    from engine.core.config import AdapterConfig
     for a in spec["adapters"]:
         cfg = AdapterConfig(name=a["name"], data=a["data"], prompt=PROMPT, r=a["r"],
                             batch_size=a["rows"], micro_batch_size=a["rows"],
@@ -474,7 +474,7 @@ def work_engine(spec: dict, res: ResultFile) -> None:
     """Variant A: every adapter of the spec in one Engine, one batched step per step."""
     import torch
 
-    from engine.trainer import Engine
+    from engine.train.engine import Engine
 
     out_dir = tempfile.mkdtemp(prefix="mlora-bench-engine-")
     config = run_config(spec, out_dir)
@@ -563,10 +563,10 @@ def work_peft(spec: dict, res: ResultFile) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engine.data import JobData
-    from engine.models import load_base_model, select_device
-    from engine.prompts import load_template
-    from engine.trainer import collate
+    from engine.core.data import JobData
+    from engine.train.models import load_base_model, select_device
+    from engine.core.prompts import load_template
+    from engine.train.engine import collate
 
     out_dir = tempfile.mkdtemp(prefix="mlora-bench-peft-")
     config = run_config(spec, out_dir)
@@ -1022,7 +1022,7 @@ def _mem_available_mib() -> float | None:
 
 def _too_big(args, entry: dict, adapters: list[dict], variant: str) -> str | None:
     """On CPU, why a run would not fit in the machine's available memory (by
-    engine.memory's estimate, the engine's step taken as one pass); None when it fits."""
+    engine.core.memory's estimate, the engine's step taken as one pass); None when it fits."""
     if args.device != "cpu" or args.no_memory_check:
         return None
     avail = _mem_available_mib()
@@ -1090,13 +1090,13 @@ def _fmt_mib(v: float | None) -> str:
 
 def _estimate(model_entry: dict, jobs_by_step: list[list[dict]], args_s: dict,
               implementation: str, passes_by_step: list | None = None) -> float | None:
-    """engine.memory's estimate (MiB), the max over the steps run; None without the module.
+    """engine.core.memory's estimate (MiB), the max over the steps run; None without the module.
 
     ``passes_by_step[k]``: the engine's passes of step k as recorded (adapter names per
     pass), so the estimate sees the same grouping.
     """
     try:
-        from engine.memory import JobLoad, estimate_peak_bytes
+        from engine.core.memory import JobLoad, estimate_peak_bytes
     except ImportError:
         return None
     best = None
@@ -1276,7 +1276,7 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
     shape = shape_of(cfg)
     from_mem = None
     try:
-        from engine.memory import ModelShape
+        from engine.core.memory import ModelShape
         from_mem = ModelShape.from_config(cfg).num_params()
     except ImportError:
         pass
@@ -1392,7 +1392,7 @@ def report_model(name: str, entry: dict, s: dict) -> list[str]:
     lines.append("")
     unit = "`torch.cuda.max_memory_allocated`" if s["device"] == "cuda" else "peak RSS (VmHWM)"
     lines.append(f"Peak memory per run, {unit}, each variant in its own process; estimate = "
-                 "`engine.memory.estimate_peak_bytes` (– where that module is missing):")
+                 "`engine.core.memory.estimate_peak_bytes` (– where that module is missing):")
     lines.append("")
     lines += ["| N | A engine: measured | A: estimate | B PEFT: measured | B: estimate | "
               "C N PEFT processes: sum of peaks | C: estimate | C: tokens/s, all processes |",
@@ -1515,7 +1515,7 @@ def main(argv: list[str] | None = None) -> int:
                         "other processes to use under half a core (default: 30 on CPU, 0 "
                         "on CUDA)")
     p.add_argument("--no-memory-check", action="store_true",
-                   help="CPU: run variants even where engine.memory estimates they would not "
+                   help="CPU: run variants even where engine.core.memory estimates they would not "
                         "fit in the available memory")
     p.add_argument("--quiet", action="store_true", help="no report on stdout")
     p.add_argument("--report-from", metavar="JSON",

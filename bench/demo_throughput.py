@@ -89,12 +89,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import RunConfig, load_config
-from engine.data import JobData
-from engine.models import default_targets, load_base_model, select_device
-from engine.prompts import load_template
-from engine.trainer import Engine, Job
-from engine.trainer import collate as engine_collate
+from engine.core.config import RunConfig, load_config
+from engine.core.data import JobData
+from engine.train.models import default_targets, load_base_model, select_device
+from engine.core.prompts import load_template
+from engine.train.engine import Engine, Job
+from engine.train.engine import collate as engine_collate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.toml"

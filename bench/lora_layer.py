@@ -10,7 +10,7 @@ model, and w.r.t. every adapter) of:
 
   old   the previous layer (one delta per segment, Bernoulli masks, torch.cat of the rows),
         kept below verbatim as ``old_forward`` on the same module and weights;
-  new   ``engine.lora.MultiLoraLinear`` as it is now;
+  new   ``engine.train.lora.MultiLoraLinear`` as it is now;
   peft  PEFT's ``lora.Linear`` with one adapter over the same 1024 rows (what one job alone
         costs in PEFT: the bound for a batched layer is this, not 4 times it);
   base  the frozen base linear alone (what no adapter at all costs).
@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, mix_seed  # noqa: E402
+from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, mix_seed  # noqa: E402
 
 
 # -- the previous layer, verbatim (plain LoRA part) ------------------------------------------
@@ -217,7 +217,7 @@ def measure(args, out_f, dropout, dtype):
 def mask_costs(device: torch.device, rounds: int) -> None:
     """One job's dropout mask (2 x 128 x 576, own length 96), its generator's creation
     included: the previous Bernoulli mask against the new draws."""
-    from engine.lora import _dropout_mask
+    from engine.train.lora import _dropout_mask
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.zeros(2, 128, 576, device=device)

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from engine.trainer import Engine, collate  # noqa: E402
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from engine.train.engine import Engine, collate  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=22, num_attention_heads=32,
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="most frequent operators listed")
     parser.add_argument("--pass-overhead", type=int, default=1024,
                         help="the engine's pass cost for padded rows (1024: CUDA's, as in "
-                             "engine.trainer.PASS_OVERHEAD_TOKENS; 16: a CPU's)")
+                             "engine.train.engine.PASS_OVERHEAD_TOKENS; 16: a CPU's)")
     parser.add_argument("--variants", default="A,P,B", help="subset of A,P,B")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlora-opcount-"))

@@ -29,8 +29,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
-from engine.errors import UserError
-from engine.protocol import VERSION_MISMATCH
+from engine.core.errors import UserError
+from engine.core.protocol import VERSION_MISMATCH
 from mlora_tui.gpu import GpuReport, GpuSampler
 from mlora_tui.state import CONNECTED, PAUSED, QUEUED, RUNNING, EngineState, JobView
 from mlora_tui.widgets.adapter_pane import AdapterPane
@@ -44,7 +44,7 @@ from mlora_tui.widgets.loss_chart import LossChart
 from mlora_tui.widgets.status_bar import StatusBar
 
 if TYPE_CHECKING:
-    from engine.runtime import EngineRecord
+    from engine.core.runtime import EngineRecord
 
 REDRAW_HZ = 4
 GPU_SAMPLE_S = 1.0
@@ -323,7 +323,7 @@ class MonitorScreen(Screen):
 
 def _engine_of_run(record: "EngineRecord") -> "EngineRecord | None":
     """The live engine serving the same output folder as ``record`` (None if none)."""
-    from engine.runtime import find_engine
+    from engine.core.runtime import find_engine
 
     try:
         return find_engine(output_dir=record.output_dir)

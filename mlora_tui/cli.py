@@ -1,6 +1,6 @@
 """The `mlora` command line: engines, jobs, configs, and trying trained adapters.
 
-Training runs in an engine process (engine/server.py) that outlives the terminal; these
+Training runs in an engine process (engine/server/process.py) that outlives the terminal; these
 commands start it, watch it and steer it over its Unix socket (mlora_tui/launcher.py,
 mlora_tui/client.py): `run` starts one (or attaches to the one already running for the
 config) and shows its progress, `attach` watches a running one, `ps` lists them, `jobs ...`
@@ -8,7 +8,7 @@ steers their jobs, `stop` stops one gracefully, and `serve` is the engine proces
 
 People read stderr (progress bars, messages), programs read stdout (``--json`` events,
 ``ps``/``jobs list`` tables, generated text, converted TOML). A user mistake
-(``engine.errors.UserError``: config, data, adapter folder, a request the engine refuses)
+(``engine.core.errors.UserError``: config, data, adapter folder, a request the engine refuses)
 prints its message on stderr and exits with code 2, never a traceback; an engine that is
 not running or does not answer exits with 3.
 
@@ -30,11 +30,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 if TYPE_CHECKING:
-    from engine.config import AdapterConfig, RunConfig
-    from engine.runtime import EngineRecord
+    from engine.core.config import AdapterConfig, RunConfig
+    from engine.core.runtime import EngineRecord
     from mlora_tui.client import EngineClient
 
 EXIT_OK = 0
@@ -84,7 +84,7 @@ def _say(message: str, style: str = "") -> None:
 
 
 def _load_config(path: Path) -> "RunConfig":
-    from engine.config import load_config
+    from engine.core.config import load_config
 
     try:
         return load_config(path)
@@ -96,7 +96,7 @@ def _load_config(path: Path) -> "RunConfig":
 
 def _run_client(coro: Awaitable[Any]) -> Any:
     """Run a client coroutine; engine and request errors become messages and exit codes."""
-    from engine.runtime import EngineNotFound
+    from engine.core.runtime import EngineNotFound
     from mlora_tui.client import EngineUnavailable, RequestFailed, run_sync
 
     try:
@@ -112,7 +112,7 @@ def _run_client(coro: Awaitable[Any]) -> Any:
 
 
 def _target(name: Optional[str]) -> "EngineRecord":
-    from engine.runtime import EngineNotFound
+    from engine.core.runtime import EngineNotFound
     from mlora_tui.launcher import attach_target
 
     try:
@@ -258,7 +258,7 @@ def run(
     load_8bit: Load8bitOption = False,
     attn_impl: AttnImplOption = None,
 ) -> None:
-    from engine.config import apply_model_overrides
+    from engine.core.config import apply_model_overrides
     from mlora_tui.launcher import ensure_engine
 
     overrides = _model_overrides(base_model, fp16, bf16, tf32, load_4bit, load_8bit, attn_impl)
@@ -396,13 +396,13 @@ async def _watch(record: "EngineRecord", sinks: list[Callable[[dict], None]], on
 
 
 def _check_output_dir(run_config: "RunConfig", overwrite: bool, resume: bool) -> None:
-    """Refuse an output_dir that holds another run (engine.outputs), before any engine
+    """Refuse an output_dir that holds another run (engine.core.outputs), before any engine
     starts, unless resuming it; with ``overwrite``, move that run aside. Skipped when an
     engine already runs for the folder: `run` attaches to it."""
     import os
 
-    from engine.outputs import check_output_dir, set_aside_run
-    from engine.runtime import find_engine
+    from engine.core.outputs import check_output_dir, set_aside_run
+    from engine.core.runtime import find_engine
 
     output_dir = os.path.abspath(run_config.train.output_dir)
     try:
@@ -422,7 +422,7 @@ def _check_output_dir(run_config: "RunConfig", overwrite: bool, resume: bool) ->
 
 def _check_data_files(adapters: list["AdapterConfig"]) -> list[tuple[int, str]]:
     """Read and check each adapter's data file before any model loads: (rows, kind) each."""
-    from engine.data import load_data_file
+    from engine.core.data import load_data_file
 
     counts = []
     for adapter in adapters:
@@ -464,7 +464,7 @@ SERVE_HELP = "\n\n".join([
 def ps(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per engine.")] = False,
 ) -> None:
-    from engine.runtime import list_engines
+    from engine.core.runtime import list_engines
 
     try:
         engines = list_engines()
@@ -578,7 +578,7 @@ def serve(
         "--model-overrides", hidden=True,
         help="[model] fields as JSON (how `mlora run` passes its flags on).")] = None,
 ) -> None:
-    from engine.server import serve as serve_engine
+    from engine.server.process import serve as serve_engine
 
     overrides = _model_overrides(base_model, fp16, bf16, tf32, load_4bit, load_8bit, attn_impl)
     if model_overrides_json:
@@ -713,7 +713,7 @@ def convert(
         "--output", "-o", help="Write the TOML here instead of printing it.",
         show_default=False)] = None,
 ) -> None:
-    from engine.convert import convert_mlora_json
+    from engine.tools.convert import convert_mlora_json
 
     try:
         toml_text = convert_mlora_json(mlora_json)
@@ -768,7 +768,7 @@ def gen(
     output_dir: Annotated[Optional[str], typer.Option(
         "--output_dir", "--output-dir", help="[train] output_dir.", show_default=False)] = None,
 ) -> None:
-    from engine.gen import generate_config, list_templates
+    from engine.tools.scaffold import generate_config, list_templates
 
     if list_only:
         for name, description in list_templates().items():
@@ -824,7 +824,7 @@ def generate(
         "--raw", help="Send PROMPT as is, without the adapter's prompt template (adapters "
                       "trained on text rows).")] = False,
 ) -> None:
-    from engine.generate import generate as generate_text
+    from engine.train.generate import generate as generate_text
 
     try:
         text = generate_text(adapter, prompt, input=input_text, base_only=base_only, max_new_tokens=max_new_tokens,

@@ -1,4 +1,4 @@
-"""An asyncio client of the engine process (engine/server.py). Imports no torch.
+"""An asyncio client of the engine process (engine/server/process.py). Imports no torch.
 
     client = await EngineClient.connect(record.socket, client="mlora-tui")
     print(client.engine_info["name"])
@@ -22,7 +22,7 @@ import os
 import socket
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from engine import protocol as p
+from engine.core import protocol as p
 
 T = TypeVar("T")
 _END = object()   # on the event queue: the connection closed

@@ -20,8 +20,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from engine.errors import UserError
-from engine.runtime import EngineNotFound, EngineRecord, describe, find_engine, list_engines
+from engine.core.errors import UserError
+from engine.core.runtime import EngineNotFound, EngineRecord, describe, find_engine, list_engines
 from mlora_tui.client import EngineUnavailable, RequestFailed, hello_sync
 
 __all__ = ["ensure_engine", "attach_target", "EngineNotFound", "log_tail"]
@@ -39,8 +39,8 @@ def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike |
     file (nothing started), or when the engine exits before it answers (with the end of
     its log).
     """
-    from engine.config import apply_model_overrides, load_config
-    from engine.data import load_data_file
+    from engine.core.config import apply_model_overrides, load_config
+    from engine.core.data import load_data_file
 
     run_config = load_config(config_path)
     if model_overrides:
@@ -56,7 +56,7 @@ def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike |
         return running
     # A new engine must not append to another run's folder (`mlora run` checked this
     # already, and set an old run aside with --overwrite; `mlora-tui CONFIG` did not).
-    from engine.outputs import check_output_dir
+    from engine.core.outputs import check_output_dir
     check_output_dir(run_config, resume=resume, overwrite=False)
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What a person sees on stderr during `mlora run`: live progress bars and the final summary.
 
-Both are fed the engine's event dicts (see ``engine.trainer.Engine`` and
-``engine.protocol``), one at a time, through ``handle(event)``, whether they arrive live or
+Both are fed the engine's event dicts (see ``engine.train.engine.Engine`` and
+``engine.core.protocol``), one at a time, through ``handle(event)``, whether they arrive live or
 are replayed to a client that attached late. ``RunProgress`` shows one bar per adapter
 (name, step/total, loss, tokens/s, ETA) and prints state changes, warnings and saved files
 above the bars.

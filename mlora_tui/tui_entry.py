@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_NO_ENGINE = 3
@@ -73,8 +73,8 @@ def _check_output_dir(run_config, resume: bool) -> None:
     run (unless resuming it); attaching to the engine already running it is fine."""
     import os
 
-    from engine.outputs import check_output_dir
-    from engine.runtime import find_engine
+    from engine.core.outputs import check_output_dir
+    from engine.core.runtime import find_engine
 
     if find_engine(output_dir=os.path.abspath(run_config.train.output_dir)) is None:
         check_output_dir(run_config, resume=resume, overwrite=False)
@@ -102,12 +102,12 @@ def main_command(
 ) -> None:
     if config is not None and attach is not None:
         _fail("give a CONFIG or --attach NAME, not both")
-    from engine.runtime import EngineNotFound
+    from engine.core.runtime import EngineNotFound
     from mlora_tui.launcher import attach_target, ensure_engine
 
     try:
         if config is not None:
-            from engine.config import load_config
+            from engine.core.config import load_config
 
             run_config = load_config(config)   # a typo is reported here, before the screen
             _check_output_dir(run_config, resume)  # as is a folder holding another run

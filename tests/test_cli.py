@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine import protocol
-from engine.runtime import EngineRecord, list_engines, write_record
+from engine.core import protocol
+from engine.core.runtime import EngineRecord, list_engines, write_record
 from mlora_tui.cli import app
 from tiny_models import tiny_model_dir
 
@@ -233,7 +233,7 @@ def test_bad_config_in_a_real_process_exits_2_without_traceback(config):
 # -- convert --------------------------------------------------------------------------------
 
 def test_convert_round_trip(tmp_path, tiny_llama):
-    from engine.config import load_config
+    from engine.core.config import load_config
 
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     mlora_config = {
@@ -567,9 +567,9 @@ def test_attach_exits_1_when_a_job_fails(runtime):
 # -- generate -------------------------------------------------------------------------------
 
 def test_prompt_ids_match_the_training_encoding():
-    from engine.data import IGNORE_INDEX, encode_row
-    from engine.generate import prompt_ids
-    from engine.prompts import load_template
+    from engine.core.data import IGNORE_INDEX, encode_row
+    from engine.train.generate import prompt_ids
+    from engine.core.prompts import load_template
     from tiny_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -588,8 +588,8 @@ def _reference_generation(base_model: Path, adapter: Path | None, prompt: str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.data import IGNORE_INDEX, encode_row
-    from engine.prompts import load_template
+    from engine.core.data import IGNORE_INDEX, encode_row
+    from engine.core.prompts import load_template
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Config loading and validation (engine.config) and m-LoRA JSON conversion (engine.convert).
+"""Config loading and validation (engine.core.config) and m-LoRA JSON conversion (engine.tools.convert).
 
 Bad configs are a table: each case is TOML text written next to a small data file, with the
 table and field the error must name and a fragment of its message.
@@ -22,10 +22,10 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from engine.config import (AdapterConfig, ModelConfig, RunConfig, TrainConfig, load_adapter_file,
+from engine.core.config import (AdapterConfig, ModelConfig, RunConfig, TrainConfig, load_adapter_file,
                            load_config, parse_adapter_tables, parse_config)
-from engine.convert import convert_mlora_json
-from engine.errors import ConfigError
+from engine.tools.convert import convert_mlora_json
+from engine.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -387,7 +387,7 @@ def test_load_adapter_file(workdir):
 
 
 def test_template_lists_every_field_with_its_default(tmp_path):
-    from engine.prompts import BUILTIN_TEMPLATE_NAMES
+    from engine.core.prompts import BUILTIN_TEMPLATE_NAMES
 
     text = (REPO / "configs" / "template.toml").read_text()
     for cls in (ModelConfig, TrainConfig, AdapterConfig):
@@ -409,7 +409,7 @@ def test_template_lists_every_field_with_its_default(tmp_path):
 
 
 def test_import_does_not_pull_in_torch():
-    code = ("import sys, engine.config, engine.convert; "
+    code = ("import sys, engine.core.config, engine.tools.convert; "
             "sys.exit(1 if {'torch', 'transformers'} & set(sys.modules) else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
     DEVICE == "cuda" and not torch.cuda.is_available(),
     reason="needs a CUDA GPU (bench/gpu.sh runs these on one)")
 
-from engine.config import AdapterConfig  # noqa: E402
-from engine.trainer import Engine  # noqa: E402
+from engine.core.config import AdapterConfig  # noqa: E402
+from engine.train.engine import Engine  # noqa: E402
 # Fixtures (tiny_llama, data_files) are imported so pytest finds them in this module too.
 from test_engine_exactness import (  # noqa: E402,F401
     _assert_same, _peft_reference_training, _run_config, _three_adapters, _weights,

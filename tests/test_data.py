@@ -1,4 +1,4 @@
-"""Tests for engine.prompts and engine.data: templates, file reading, encoding, batch order.
+"""Tests for engine.core.prompts and engine.core.data: templates, file reading, encoding, batch order.
 
 All offline and small: the tokenizer is tests/tiny_tokenizer.py's byte-level BPE.
 """
@@ -15,10 +15,10 @@ from typing import Optional
 
 import pytest
 
-from engine.data import (IGNORE_INDEX, Encoded, JobData, encode_row, load_data_file,
+from engine.core.data import (IGNORE_INDEX, Encoded, JobData, encode_row, load_data_file,
                          load_rows, micro_batches, split_indices)
-from engine.errors import ConfigError, DataError
-from engine.prompts import BUILTIN_TEMPLATE_NAMES, load_template
+from engine.core.errors import ConfigError, DataError
+from engine.core.prompts import BUILTIN_TEMPLATE_NAMES, load_template
 from tiny_tokenizer import build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -450,10 +450,10 @@ def test_encode_errors_name_file_and_line(tmp_path, tok):
 def test_no_torch_and_hash_seed_independent_order():
     code = (
         "import sys, json\n"
-        "import engine.data, engine.prompts\n"
+        "import engine.core.data, engine.core.prompts\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"
-        "from engine.data import JobData, Encoded\n"
+        "from engine.core.data import JobData, Encoded\n"
         "job = JobData(train=[Encoded([1] * (i % 5 + 1), [1] * (i % 5 + 1)) for i in range(30)],"
         " val=[], batch_size=8, micro_batch_size=2, seed=3)\n"
         "print(json.dumps([job.epoch_batches(e) for e in range(2)]))\n"

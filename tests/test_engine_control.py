@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from engine.adapters import adapter_state_dict
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
-from engine.errors import UserError
-from engine.trainer import Engine
+from engine.train.adapters import adapter_state_dict
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.core.errors import UserError
+from engine.train.engine import Engine
 from tiny_models import tiny_model_dir
 
 

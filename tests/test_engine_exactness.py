@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
-from engine.trainer import Engine
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.train.engine import Engine
 from tiny_models import build_tiny_model
 
 peft = pytest.importorskip("peft")
@@ -85,7 +85,7 @@ def _three_adapters(files: dict[str, str]) -> list[AdapterConfig]:
 
 
 def _weights(engine: Engine, name: str) -> dict[str, torch.Tensor]:
-    from engine.adapters import adapter_state_dict
+    from engine.train.adapters import adapter_state_dict
     return adapter_state_dict(engine.model, name)
 
 
@@ -331,7 +331,7 @@ def test_padding_from_other_jobs_does_not_change_a_jobs_gradients(tiny_llama, da
 
 def _count_calls(engine: Engine) -> tuple[list, list]:
     """(forward calls of the first adapted layer, batched steps) as the engine runs."""
-    from engine.lora import MultiLoraLinear
+    from engine.train.lora import MultiLoraLinear
 
     calls, steps = [], []
     layer = next(m for m in engine.model.modules() if isinstance(m, MultiLoraLinear))

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from engine.adapters import adapter_state_dict
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
-from engine.models import DEFAULT_TARGETS
-from engine.trainer import Engine
+from engine.train.adapters import adapter_state_dict
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.train.models import DEFAULT_TARGETS
+from engine.train.engine import Engine
 from tiny_models import FAMILIES, tiny_model_dir
 
 

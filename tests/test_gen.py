@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.config import load_config
-from engine.families import DEFAULT_TARGETS
-from engine.gen import list_templates
+from engine.core.config import load_config
+from engine.core.families import DEFAULT_TARGETS
+from engine.tools.scaffold import list_templates
 from mlora_tui.cli import app
 
 if sys.version_info >= (3, 11):
@@ -106,7 +106,7 @@ def test_bad_gen_arguments_exit_2(args, message, tasks, tmp_path):
 
 
 def test_a_generated_config_trains(tasks, tmp_path, tmp_path_factory):
-    from engine.trainer import Engine
+    from engine.train.engine import Engine
     from tiny_models import tiny_model_dir
 
     out = tmp_path / "run.toml"

@@ -36,12 +36,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine import protocol as p
-from engine.config import load_config
-from engine.errors import ConfigError, DataError, UserError
-from engine.outputs import (REPLACED_PREFIX, RUN_RECORD, check_output_dir, config_fingerprint,
+from engine.core import protocol as p
+from engine.core.config import load_config
+from engine.core.errors import ConfigError, DataError, UserError
+from engine.core.outputs import (REPLACED_PREFIX, RUN_RECORD, check_output_dir, config_fingerprint,
                             read_run_record, run_outputs, set_aside_run, write_run_record)
-from engine.runtime import list_engines, runtime_dir
+from engine.core.runtime import list_engines, runtime_dir
 from mlora_tui.cli import app
 from mlora_tui.client import EngineClient, EngineUnavailable, RequestFailed, hello_sync
 from test_cli import CHILD_ENV, ROWS, write_run
@@ -221,7 +221,7 @@ def test_a_100_mb_data_line_is_refused_at_once_with_bounded_memory(workdir, runt
     data = workdir / "data.jsonl"
     _huge_line_file(data, 100 << 20)
     config = _run_config(workdir)
-    from engine.data import load_data_file
+    from engine.core.data import load_data_file
 
     for check in (lambda: load_data_file(data), lambda: invoke("validate", config),
                   lambda: invoke("run", config)):
@@ -245,7 +245,7 @@ def test_a_100_mb_data_line_is_refused_at_once_with_bounded_memory(workdir, runt
     assert list_engines() == []
 
 
-# -- output folders: engine/outputs.py ------------------------------------------------------------
+# -- output folders: engine/core/outputs.py ------------------------------------------------------------
 
 def _config(workdir: Path, extra: str = "", names=("a",)):
     tables = "".join(f'[[adapter]]\nname = "{n}"\ndata = "data.jsonl"\n{extra}' for n in names)
@@ -327,7 +327,7 @@ def test_resume_needs_the_same_settings(workdir):
     assert path == out / RUN_RECORD
     assert sorted(p.name for p in out.iterdir()) == ["a", RUN_RECORD]
     assert "no checkpoint to resume from" in _refusal(config, resume=True)
-    # What engine.checkpoint calls a whole checkpoint: its engine.json written last.
+    # What engine.core.checkpoints calls a whole checkpoint: its engine.json written last.
     (out / "checkpoints" / "step-3").mkdir(parents=True)
     (out / "checkpoints" / "step-3" / "engine.json").write_text("{}")
     assert "checkpoints/ (1 checkpoint)" in _refusal(config)
@@ -401,7 +401,7 @@ def test_set_aside_moves_the_run_and_keeps_everything(workdir):
 
 
 def test_outputs_and_the_cli_do_not_import_torch():
-    code = ("import sys\nimport engine.outputs, mlora_tui.cli, mlora_tui.client\n"
+    code = ("import sys\nimport engine.core.outputs, mlora_tui.cli, mlora_tui.client\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

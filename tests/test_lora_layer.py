@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.adapters import adapter_state_dict, attach_adapter, load_adapter_state
-from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, dense_weight, mix_seed
+from engine.train.adapters import adapter_state_dict, attach_adapter, load_adapter_state
+from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, dense_weight, mix_seed
 
 peft = pytest.importorskip("peft")
 
@@ -340,7 +340,7 @@ def test_gradient_checkpointing_through_the_layer(use_reentrant):
 def test_dropout_mask_draws_its_own_region_only():
     """Masks are 0/1 with the keep probability, 1 past the job's length, and a function of
     the generator and the drawn region alone."""
-    from engine.lora import _dropout_mask
+    from engine.train.lora import _dropout_mask
 
     keep = 0.8
     x = torch.zeros(3, 9, 500)

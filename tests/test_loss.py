@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.loss import chunked_head_loss
-from engine.trainer import plan_passes
+from engine.train.loss import chunked_head_loss
+from engine.train.engine import plan_passes
 
 
 def _head(vocab: int, dim: int, bias: bool, dtype: torch.dtype) -> torch.nn.Linear:

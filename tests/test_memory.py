@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.memory import JobLoad, ModelShape, estimate_breakdown, estimate_peak_bytes
+from engine.core.memory import JobLoad, ModelShape, estimate_breakdown, estimate_peak_bytes
 
 CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=500,

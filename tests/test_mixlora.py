@@ -1,4 +1,4 @@
-"""MixLoRA (engine/mixlora.py): a mixture of LoRA experts on the feed-forward blocks.
+"""MixLoRA (engine/train/mixlora.py): a mixture of LoRA experts on the feed-forward blocks.
 
 References are independent of the code under test: a float64 loop over tokens and experts
 written from the definitions in docs/mixlora.md, each adapter trained alone, and the engine's
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.adapters import adapter_state_dict, attach_adapter
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig, parse_config
-from engine.errors import ConfigError
-from engine.lora import BatchLayout, Segment
-from engine.mixlora import attach_mixlora, prepare_router_batch, router_losses
-from engine.models import find_target_linears
-from engine.trainer import Engine
+from engine.train.adapters import adapter_state_dict, attach_adapter
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig, parse_config
+from engine.core.errors import ConfigError
+from engine.train.lora import BatchLayout, Segment
+from engine.train.mixlora import attach_mixlora, prepare_router_batch, router_losses
+from engine.train.models import find_target_linears
+from engine.train.engine import Engine
 from tiny_models import build_tiny_model, tiny_model_dir
 
 FFN = {"llama": ["gate_proj", "up_proj", "down_proj"], "phi3": ["gate_up_proj", "down_proj"],
@@ -177,7 +177,7 @@ def test_batched_layer_equals_a_float64_loop_over_tokens_and_experts(family, fie
                                                                      tmp_path_factory):
     from transformers.activations import ACT2FN
 
-    from engine.config import resolve_mixlora
+    from engine.core.config import resolve_mixlora
 
     torch.manual_seed(0)
     model = _load(family, tmp_path_factory)
@@ -398,9 +398,9 @@ def test_router_statistics_are_reported_after_each_optimizer_step(trained):
 def test_saved_mixlora_adapter_reloads_with_identical_logits(trained, tmp_path):
     from safetensors.torch import load_file
 
-    from engine.adapters import read_adapter_folder
-    from engine.generate import attach_saved_adapter
-    from engine.models import load_base_model
+    from engine.train.adapters import read_adapter_folder
+    from engine.train.generate import attach_saved_adapter
+    from engine.train.models import load_base_model
 
     family, model_dir, engine, _events = trained
     device = engine.device
@@ -558,7 +558,7 @@ def test_experts_need_a_feed_forward_target(tmp_path_factory):
 def test_convert_carries_mixlora_fields_over(tmp_path):
     import sys
 
-    from engine.convert import convert_mlora_json
+    from engine.tools.convert import convert_mlora_json
 
     if sys.version_info >= (3, 11):
         import tomllib

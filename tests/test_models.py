@@ -1,4 +1,4 @@
-"""engine.models: device choice, model folders, loading, LoRA targets and the output head."""
+"""engine.train.models: device choice, model folders, loading, LoRA targets and the output head."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine import models
-from engine.config import ModelConfig
-from engine.errors import UserError
-from engine.models import (
+from engine.train import models
+from engine.core.config import ModelConfig
+from engine.core.errors import UserError
+from engine.train.models import (
     default_targets, find_target_linears, hidden_states_and_head, load_base_model,
     resolve_base_model, select_device,
 )

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import packing
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
-from engine.data import IGNORE_INDEX, Encoded
-from engine.errors import ConfigError
-from engine.trainer import Engine
+from engine.train import packing
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.core.data import IGNORE_INDEX, Encoded
+from engine.core.errors import ConfigError
+from engine.train.engine import Engine
 from tiny_models import FAMILIES, build_tiny_model
 
 WORDS = "red green blue cat dog fox jumps over the lazy quick brown one two three".split()
@@ -66,7 +66,7 @@ def _train(config: RunConfig, steps: int) -> tuple[Engine, list[dict]]:
 
 
 def _weights(engine: Engine, name: str) -> dict[str, torch.Tensor]:
-    from engine.adapters import adapter_state_dict
+    from engine.train.adapters import adapter_state_dict
     return adapter_state_dict(engine.model, name)
 
 
@@ -170,7 +170,7 @@ def test_probe_refuses_attention_that_crosses_examples(tmp_path, monkeypatch):
     """If the packed attention let an example see the one before it, the probe says so."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from engine.models import hidden_states_and_head
+    from engine.train.models import hidden_states_and_head
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", tmp_path / "m"))
@@ -199,7 +199,7 @@ def test_models_outside_transformers_do_not_pack(tmp_path):
 
 def test_packing_on_is_an_error_and_auto_a_warning_where_the_model_cannot_pack(
         data_file, tmp_path, monkeypatch):
-    import engine.trainer as trainer
+    import engine.train.engine as trainer
 
     model_dir = build_tiny_model("llama", tmp_path / "model")
     monkeypatch.setattr(trainer, "packing_problem", lambda *args: "it is a test")
@@ -218,7 +218,7 @@ def test_packing_on_is_an_error_and_auto_a_warning_where_the_model_cannot_pack(
 
 
 def test_packing_setting_is_checked_in_the_config(tmp_path):
-    from engine.config import load_config
+    from engine.core.config import load_config
     path = tmp_path / "run.toml"
     path.write_text('[train]\npacking = "yes"\n[[adapter]]\nname = "a"\ndata = "d.jsonl"\n')
     with pytest.raises(ConfigError) as error:

@@ -1,6 +1,6 @@
 """The socket protocol: every message round-trips, and garbage never hurts a live engine.
 
-The first half checks engine/protocol.py alone. The second throws each kind of malformed
+The first half checks engine/core/protocol.py alone. The second throws each kind of malformed
 input at a real engine process (a tiny Llama training for a long time) over raw sockets,
 checks the error reply or the closed connection for each, and then that the engine is
 still training (step events keep arriving) and that a client connected all along saw
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import protocol as p
+from engine.core import protocol as p
 from test_cli import CHILD_ENV, write_run
 from tiny_models import tiny_model_dir
 

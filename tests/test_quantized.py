@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from engine.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
-from engine.lora import MultiLoraLinear, dense_weight
-from engine.trainer import Engine
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.train.lora import MultiLoraLinear, dense_weight
+from engine.train.engine import Engine
 from tiny_models import build_tiny_model, tiny_model_dir
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -123,8 +123,8 @@ def test_dora_sees_the_dequantized_weight(tmp_path_factory):
 def test_quantize_without_bitsandbytes_names_the_extra(monkeypatch, tmp_path_factory):
     import importlib.util
 
-    from engine import models
-    from engine.errors import UserError
+    from engine.train import models
+    from engine.core.errors import UserError
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (

@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import adapters as adapters_module
-from engine import checkpoint as ckpt
-from engine.errors import DataError, UserError
-from engine.trainer import Engine
+from engine.train import adapters as adapters_module
+from engine.core import checkpoints as ckpt
+from engine.core.errors import DataError, UserError
+from engine.train.engine import Engine
 # The same tiny model and data files as the exactness tests (module-scoped fixtures).
 from test_engine_exactness import _run_config, _three_adapters, data_files, tiny_llama  # noqa: F401
 

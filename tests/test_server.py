@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.errors import UserError
-from engine.runtime import EngineRecord, find_engine, list_engines, runtime_dir
+from engine.core.errors import UserError
+from engine.core.runtime import EngineRecord, find_engine, list_engines, runtime_dir
 from mlora_tui.cli import app
 from mlora_tui.client import EngineClient, RequestFailed
 from test_cli import CHILD_ENV, ROWS
@@ -125,7 +125,7 @@ def is_step(job=None):
 
 def test_client_modules_do_not_import_torch():
     code = ("import sys\n"
-            "import mlora_tui.client, mlora_tui.launcher, engine.runtime, engine.protocol\n"
+            "import mlora_tui.client, mlora_tui.launcher, engine.core.runtime, engine.core.protocol\n"
             "print(sorted(m for m in ('torch', 'transformers', 'textual') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

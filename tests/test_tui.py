@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from textual.command import CommandPalette
 
-from engine.runtime import EngineRecord
+from engine.core.runtime import EngineRecord
 
 from mlora_tui.app import MloraApp
 from mlora_tui.launcher import ensure_engine
@@ -96,7 +96,7 @@ def test_entry_reports_mistakes_before_any_screen(tmp_path, monkeypatch):
 
 
 def test_keymap_file_names_unknown_ids_and_bad_values(tmp_path):
-    from engine.errors import UserError
+    from engine.core.errors import UserError
     from mlora_tui.app import binding_ids
     from mlora_tui.tui_entry import load_keymap
 
@@ -298,7 +298,7 @@ def test_quit_leaves_the_engine_and_stop_ends_it_then_the_tui_finds_the_next_one
             assert "stop requested by a client" in status
             # The same run continued: a new process, pid and socket. (Without resume the
             # folder, which holds that run, is refused.)
-            from engine.errors import UserError
+            from engine.core.errors import UserError
             with pytest.raises(UserError, match="already holds a run"):
                 ensure_engine(config)
             second = await asyncio.to_thread(ensure_engine, config, resume=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime import find_engine, pid_alive
+from engine.core.runtime import find_engine, pid_alive
 from tiny_models import tiny_model_dir
 from tui_engine import engine_env, job_summary, private_runtime_dir, stop_engine, wait_for, write_run
 

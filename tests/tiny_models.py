@@ -1,7 +1,7 @@
 """Tiny random models of every supported family, built offline in about a second, for tests.
 
 Each folder holds a normal Hugging Face model (config.json + safetensors, fp32) and the tiny
-tokenizer from ``tiny_tokenizer``, so ``engine.models.load_base_model`` loads it exactly like a
+tokenizer from ``tiny_tokenizer``, so ``engine.train.models.load_base_model`` loads it exactly like a
 real model folder. ``tiny_model_dir`` builds each family once per test session.
 """
 

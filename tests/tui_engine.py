@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.runtime import EngineRecord, pid_alive
+from engine.core.runtime import EngineRecord, pid_alive
 from mlora_tui.client import EngineClient, EngineUnavailable
 
 

@@ -4,7 +4,7 @@ m-LoRA (TUDB-Labs/mLoRA) and its MixLoRA fork (MoE-PEFT) describe a run as one J
 object: global fields (``cutoff_len``, ``save_step``, ``train_lora_simultaneously_num``, ...)
 and a ``lora`` list with one object per adapter. ``convert_mlora_json`` maps what has an
 equivalent here and keeps everything else visible as TOML comments, so nothing is dropped
-silently. The output is meant to pass ``engine.config.parse_config`` unchanged when the
+silently. The output is meant to pass ``engine.core.config.parse_config`` unchanged when the
 m-LoRA config was valid and its files exist.
 
 Paths (data, prompt, base_model) are copied as written. m-LoRA resolved them against the
@@ -24,9 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.config import (EXPERT_LORA_FIELDS, MIXLORA_FIELDS, MIXLORA_STRATEGY_ONLY,
+from engine.core.config import (EXPERT_LORA_FIELDS, MIXLORA_FIELDS, MIXLORA_STRATEGY_ONLY,
                            read_user_text)
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 # m-LoRA global key -> [train] key.
 _TRAIN_KEYS = {

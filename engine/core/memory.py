@@ -32,12 +32,12 @@ What is counted (bytes; ``b`` = bytes per base-weight element, 2 for bf16/fp16, 
   only real tokens, with no mask and k, v not repeated.
   The engine pads the rows of a pass to the pass's longest row: ``P = rows x width``
   over the pass's jobs (``passes``: the engine may split a step into several passes,
-  ``engine.trainer.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
+  ``engine.train.engine.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
   on its own rows and width (the largest counts). With gradient checkpointing only each
   block's input is kept (``b x h`` per position per layer), plus one recomputed block.
 * **backward working set**: one more layer's activations (the gradients and temporaries
   alive while a block's backward runs).
-* **head / loss**: ``engine`` (engine/loss.py) runs the LM head on target positions only,
+* **head / loss**: ``engine`` (engine/train/loss.py) runs the LM head on target positions only,
   ``head_chunk`` positions at a time, computing the loss and its gradient at once: one
   chunk's logits, fp32 logits/log-softmax and bf16 gradient, ``(8 + b) x V x chunk``, plus
   the kept gradient and gathered hidden states, ``2b x h`` per target. ``peft`` (Hugging
@@ -77,7 +77,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 CPU_RUNTIME_BYTES = 400 * 2**20
 CPU_ALLOCATOR_FACTOR = 1.35
-ENGINE_HEAD_CHUNK = 1024          # engine.loss.DEFAULT_CHUNK (not imported: that needs torch)
+ENGINE_HEAD_CHUNK = 1024          # engine.train.loss.DEFAULT_CHUNK (not imported: that needs torch)
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -214,8 +214,8 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
     after another, as the engine's ``plan_passes`` may group them) or ``"peft"`` (one PEFT
     model holding every job's adapter, trained one adapter at a time; a single PEFT process
     is ``"peft"`` with one job). ``head_chunk``: the engine's LM-head loss chunk in tokens
-    (``engine.loss.DEFAULT_CHUNK``; 0: unchunked). ``packed``: the engine's passes hold
-    their examples back to back (engine/packing.py): ``P`` is their real tokens, with no
+    (``engine.train.loss.DEFAULT_CHUNK``; 0: unchunked). ``packed``: the engine's passes hold
+    their examples back to back (engine/train/packing.py): ``P`` is their real tokens, with no
     attention mask and k, v not repeated (SDPA per example, with grouped-query support).
     """
     if implementation not in ("engine", "peft"):

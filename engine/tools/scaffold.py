@@ -22,12 +22,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from engine.config import ADAPTER_NAME_RE, DEMO_MODEL, parse_config
-from engine.convert import toml_assignment
-from engine.errors import ConfigError, UserError
-from engine.families import DEFAULT_TARGETS, model_type_of
+from engine.core.config import ADAPTER_NAME_RE, DEMO_MODEL, parse_config
+from engine.tools.convert import toml_assignment
+from engine.core.errors import ConfigError, UserError
+from engine.core.families import DEFAULT_TARGETS, model_type_of
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "configs" / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "configs" / "templates"
 _SECTIONS = ("model", "train", "adapter")
 # The feed-forward projections of each family: a MixLoRA adapter's experts go there, so a
 # MixLoRA template's adapters target them besides the family's default (attention) targets.

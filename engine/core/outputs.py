@@ -5,7 +5,7 @@ An engine writes everything of a run under ``[train] output_dir``::
     <output_dir>/run.json          the run record (``write_run_record``): what was trained
     <output_dir>/metrics.jsonl     every event of the run, one JSON object a line
     <output_dir>/engine.log        the engine process's log
-    <output_dir>/checkpoints/step-K/   engine checkpoints (engine.checkpoint)
+    <output_dir>/checkpoints/step-K/   engine checkpoints (engine.core.checkpoints)
     <output_dir>/<adapter>/        a finished adapter (adapter_model.safetensors, ...)
 
 A folder **holds a run** when it holds trained output: checkpoints, a sub-folder with
@@ -53,11 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.checkpoint import RESUME_FREE_FIELDS
-from engine.errors import ConfigError, UserError
+from engine.core.checkpoints import RESUME_FREE_FIELDS
+from engine.core.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
-    from engine.config import AdapterConfig, RunConfig
+    from engine.core.config import AdapterConfig, RunConfig
 
 RUN_RECORD = "run.json"
 RUN_RECORD_FORMAT = 1
@@ -66,7 +66,7 @@ ENGINE_LOG = "engine.log"
 REPLACED_PREFIX = "replaced-"
 MODEL_FIELDS = ("base_model", "dtype", "quantize")
 CHECKPOINTS = "checkpoints"
-# Adapter fields a resumed run may change (as engine.checkpoint.RESUME_FREE_FIELDS: where
+# Adapter fields a resumed run may change (as engine.core.checkpoints.RESUME_FREE_FIELDS: where
 # the data lives is free, what it holds is checked by the engine on its encoded examples).
 RESUME_FREE = RESUME_FREE_FIELDS + ("data_sha256",)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -122,7 +122,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _adapter_defaults() -> dict[str, Any]:
-    from engine.config import AdapterConfig
+    from engine.core.config import AdapterConfig
 
     defaults = {}
     for f in dataclasses.fields(AdapterConfig):
@@ -343,7 +343,7 @@ def check_output_dir(config: "RunConfig", resume: bool, overwrite: bool) -> None
             record = read_run_record(output_dir)
         except UserError as e:
             raise error(f"cannot resume the run in {output_dir}: {e}") from None
-        from engine.checkpoint import complete_checkpoints
+        from engine.core.checkpoints import complete_checkpoints
 
         if not complete_checkpoints(output_dir):
             raise error(f"{output_dir} holds a run ({held}) but no checkpoint to resume "

@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     # with it and the running jobs fits in this many GiB (0: the GPU's memory; on CPU, none).
     memory_limit_gb: float = 0
     gradient_checkpointing: bool = False
-    # Sequence packing (engine/packing.py): each pass's examples back to back in one row,
+    # Sequence packing (engine/train/packing.py): each pass's examples back to back in one row,
     # no padding. "auto": on a CPU, where padding costs its full share of the arithmetic;
     # "on": on any device (an error if the model cannot pack); "off": padded rows.
     packing: str = "auto"
@@ -91,7 +91,7 @@ class AdapterConfig:
     max_grad_norm: Optional[float] = None
     init_from: str = ""               # a PEFT adapter folder to continue training from
     seed: Optional[int] = None        # None: [train] seed
-    # MixLoRA (engine/mixlora.py, docs/mixlora.md): a mixture of LoRA experts on the
+    # MixLoRA (engine/train/mixlora.py, docs/mixlora.md): a mixture of LoRA experts on the
     # feed-forward blocks. routing_strategy None: a plain LoRA adapter, and every field below
     # must be left out. Set, the fields left out take the strategy's defaults (MIXLORA_DEFAULTS).
     routing_strategy: Optional[str] = None   # mixlora (top-k) | mixlora-switch | mixlora-dynamic
@@ -719,8 +719,8 @@ def _check_data(value: str, base_dir: Path, where: _Where) -> str:
 
 
 def _check_prompt(value: str, base_dir: Path, where: _Where) -> str:
-    # Imported here, not at the top: engine.prompts may import this module's dataclasses.
-    from engine.prompts import BUILTIN_TEMPLATE_NAMES
+    # Imported here, not at the top: engine.core.prompts may import this module's dataclasses.
+    from engine.core.prompts import BUILTIN_TEMPLATE_NAMES
 
     if value in BUILTIN_TEMPLATE_NAMES:
         return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.config import DEMO_MODEL
+from engine.core.config import DEMO_MODEL
 
 _QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {

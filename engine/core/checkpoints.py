@@ -26,7 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 FORMAT = 1
 ENGINE_FILE = "engine.json"

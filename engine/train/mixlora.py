@@ -1,7 +1,7 @@
 """MixLoRA: a mixture of LoRA experts on the feed-forward blocks (arXiv 2404.15159).
 
 An adapter with ``routing_strategy`` set is a MixLoRA adapter. Its attention targets get one
-plain LoRA each (``engine.lora.MultiLoraLinear``, as any adapter's do). Each feed-forward
+plain LoRA each (``engine.train.lora.MultiLoraLinear``, as any adapter's do). Each feed-forward
 block it targets gets ``num_experts`` experts and a router:
 
 - expert e is the frozen base feed-forward with its own LoRA on each targeted projection
@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ACT_FNS, resolve_mixlora
-from engine.errors import ConfigError
-from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, dense_weight, mix_seed
+from engine.core.config import ACT_FNS, resolve_mixlora
+from engine.core.errors import ConfigError
+from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, dense_weight, mix_seed
 
 # Tags that keep the different random streams of one layer apart.
 _JITTER, _FFN_DROPOUT, _EXPERT_DROPOUT, _INIT = 1, 2, 3, 4
@@ -158,7 +158,7 @@ class FeedForward:
 
 def feed_forwards(model: nn.Module) -> list[FeedForward]:
     """The feed-forward block of each decoder layer that MixLoRA knows the shape of."""
-    from engine.models import decoder_layers
+    from engine.train.models import decoder_layers
 
     names = {id(m): n for n, m in model.named_modules()}
     found = []

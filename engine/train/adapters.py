@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.errors import UserError
-from engine.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight, wrap_linears
-from engine.mixlora import detach_mixlora, mixlora_tensors
+from engine.core.errors import UserError
+from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight, wrap_linears
+from engine.train.mixlora import detach_mixlora, mixlora_tensors
 
 PEFT_PREFIX = "base_model.model."
 META_FILE = "mlora_adapter.json"
@@ -75,7 +75,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         state[f"{key}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous().clone()
         if adapter.magnitude is not None:
             state[f"{key}.lora_magnitude_vector"] = adapter.magnitude.detach().cpu().clone()
-    # A MixLoRA adapter's routers and experts (engine.mixlora, docs/mixlora.md).
+    # A MixLoRA adapter's routers and experts (engine.train.mixlora, docs/mixlora.md).
     for key, tensor in mixlora_tensors(model, name, PEFT_PREFIX).items():
         state[key] = tensor.detach().cpu().contiguous().clone()
     return state

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 RUNTIME_ENV = "MLORA_RUNTIME_DIR"
 # sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS) including the final NUL.

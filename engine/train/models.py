@@ -24,11 +24,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import DEMO_MODEL as DEMO_MODEL_NAME
-from .config import ModelConfig
-from .errors import ConfigError, UserError
-from .families import DEFAULT_TARGETS
-from .lora import MultiLoraLinear
+from engine.core.config import DEMO_MODEL as DEMO_MODEL_NAME
+from engine.core.config import ModelConfig
+from engine.core.errors import ConfigError, UserError
+from engine.core.families import DEFAULT_TARGETS
+from engine.train.lora import MultiLoraLinear
 
 Log = Callable[[str], None]
 
@@ -393,7 +393,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
     The model stays in eval mode (its own dropout off), where transformers' switch does
     nothing, so each block's forward is wrapped here. Adapter dropout masks are functions of
-    seeds (engine.lora), so the recomputed forward is the same forward.
+    seeds (engine.train.lora), so the recomputed forward is the same forward.
     """
     from torch.utils.checkpoint import checkpoint
 

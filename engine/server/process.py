@@ -22,7 +22,7 @@ A client that falls behind the *live* events (those after it subscribed) by more
 ``MAX_BACKLOG_BYTES`` beyond what its socket and buffer hold is dropped; training never
 waits for a client.
 
-Robustness: a malformed line gets an error reply (see ``engine.protocol``); an oversized
+Robustness: a malformed line gets an error reply (see ``engine.core.protocol``); an oversized
 line or a wrong protocol version closes that connection; nothing a client sends reaches
 the engine unless it is a well-formed request. What a client can make the engine hold is
 bounded: its unread input (a line of at most ``MAX_LINE_BYTES`` plus one read), its
@@ -58,11 +58,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from engine import __version__
-from engine import protocol as p
-from engine.jsonlog import open_log
-from engine.config import RunConfig, apply_model_overrides, load_config, parse_adapter_tables
-from engine.errors import ConfigError, UserError
-from engine.runtime import (EngineRecord, bind_socket, claim_name, registry_lock,
+from engine.core import protocol as p
+from engine.core.events import open_log
+from engine.core.config import RunConfig, apply_model_overrides, load_config, parse_adapter_tables
+from engine.core.errors import ConfigError, UserError
+from engine.core.runtime import (EngineRecord, bind_socket, claim_name, registry_lock,
                             remove_record, socket_path, write_record)
 
 log = logging.getLogger("mlora.engine")
@@ -700,7 +700,7 @@ class EngineServer:
                      f"{self.record.socket}; loading {self.run_config.model.base_model}")
             self.listener.start()
             # torch takes seconds to import: clients can connect and watch meanwhile.
-            from engine.trainer import FAILED, Engine
+            from engine.train.engine import FAILED, Engine
 
             self.engine = Engine(self.run_config, on_event=self.broadcast, write_metrics=False,
                                  resume=self.resume)
@@ -781,7 +781,7 @@ class EngineServer:
             message = p.error(p.INTERNAL, f"{type_} failed: {e!r}", request_id)
         self.listener.send_from_main(client_id, message)
 
-    # One method per engine request (engine.protocol.REQUESTS): the main thread runs them.
+    # One method per engine request (engine.core.protocol.REQUESTS): the main thread runs them.
 
     def _do_status(self, client_id: int) -> dict:
         return {"engine": self.info(), **self.engine.status()}

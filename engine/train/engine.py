@@ -2,7 +2,7 @@
 
 Read ``Engine.step`` top to bottom to see a step: pick the running jobs, take one
 micro-batch from each, put them in one forward pass (packed back to back in one row,
-engine/packing.py, or as padded rows), run the base model once with every adapter on its
+engine/train/packing.py, or as padded rows), run the base model once with every adapter on its
 own tokens, compute each job's loss from its own tokens only, one backward, and let each
 job whose gradient accumulation is complete clip and step its own optimizer.
 
@@ -29,25 +29,25 @@ import torch.nn.functional as F
 
 from safetensors.torch import load_file
 
-from engine import checkpoint as ckpt
-from engine.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
+from engine.core import checkpoints as ckpt
+from engine.train.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
                              load_adapter_state, peft_config, read_adapter_folder,
                              write_files_atomically, write_folder_atomically)
-from engine.config import AdapterConfig, RunConfig
-from engine.data import JobData
-from engine.errors import ConfigError, UserError
-from engine.jsonlog import open_log
-from engine.outputs import write_run_record
-from engine.lora import BatchLayout, Segment, mix_seed
-from engine.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
+from engine.core.config import AdapterConfig, RunConfig
+from engine.core.data import JobData
+from engine.core.errors import ConfigError, UserError
+from engine.core.events import open_log
+from engine.core.outputs import write_run_record
+from engine.train.lora import BatchLayout, Segment, mix_seed
+from engine.train.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
                             is_mixlora, mixlora_peft_fields, mixlora_targets,
                             prepare_router_batch, router_losses, take_router_stats)
-from engine.loss import chunked_head_loss
-from engine.packing import pack, packed_pass, packing_problem
-from engine.models import (default_targets, enable_gradient_checkpointing,
+from engine.train.loss import chunked_head_loss
+from engine.train.packing import pack, packed_pass, packing_problem
+from engine.train.models import (default_targets, enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
                            select_device)
-from engine.prompts import load_template
+from engine.core.prompts import load_template
 
 IGNORE_INDEX = -100
 EventSink = Callable[[dict], None]
@@ -401,7 +401,7 @@ class Engine:
                 self.add_job(adapter_cfg)
         try:
             # What this run is, so that another run into the same folder is refused
-            # (engine/outputs.py) and --resume can name what changed.
+            # (engine/core/outputs.py) and --resume can name what changed.
             write_run_record(self.output_dir, config)
         except OSError as exc:
             self.log(f"cannot write {self.output_dir / 'run.json'} ({exc})", level="warning")
@@ -552,9 +552,9 @@ class Engine:
         return None
 
     def estimate_peak_bytes(self, jobs: list[Job]) -> int | None:
-        """The estimated peak memory of a step of ``jobs`` (engine/memory.py); None if the
+        """The estimated peak memory of a step of ``jobs`` (engine/core/memory.py); None if the
         model's shape is beyond the estimator."""
-        from engine.memory import JobLoad, estimate_peak_bytes
+        from engine.core.memory import JobLoad, estimate_peak_bytes
         loads = [JobLoad(rows=j.cfg.micro_batch_size,
                          seq_len=max((len(e.input_ids) for e in j.data.train), default=1),
                          r=j.cfg.r, target_modules=j.targets, lora_dropout=j.cfg.lora_dropout,
@@ -887,7 +887,7 @@ class Engine:
 
         Only target positions go through the LM head, a chunk of tokens at a time, so
         full-vocabulary logits never exist for prompts, padding or other jobs' rows, nor for
-        more than a chunk of tokens at once (engine/loss.py). ``labels`` stay on the CPU:
+        more than a chunk of tokens at once (engine/train/loss.py). ``labels`` stay on the CPU:
         the target positions are found there, so the device never waits for the host.
         """
         shifted = labels[:, 1:]

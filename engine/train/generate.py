@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine.adapters import attach_adapter, load_adapter_state, read_adapter_folder
-from engine.config import ModelConfig
-from engine.errors import ConfigError, UserError
-from engine.lora import BatchLayout
-from engine.mixlora import attach_mixlora
-from engine.models import find_target_linears, load_base_model, resolve_base_model, select_device
-from engine.prompts import PromptTemplate, load_template
+from engine.train.adapters import attach_adapter, load_adapter_state, read_adapter_folder
+from engine.core.config import ModelConfig
+from engine.core.errors import ConfigError, UserError
+from engine.train.lora import BatchLayout
+from engine.train.mixlora import attach_mixlora
+from engine.train.models import find_target_linears, load_base_model, resolve_base_model, select_device
+from engine.core.prompts import PromptTemplate, load_template
 
 ADAPTER_NAME = "adapter"   # the adapter's name inside the model; any name would do
 
@@ -64,7 +64,7 @@ def attach_saved_adapter(model, peft_cfg: dict, state: dict, adapter_dir: str | 
     """Attach a saved adapter (``read_adapter_folder``'s config and tensors) to ``model``.
 
     LoRA and DoRA adapters, and MixLoRA ones (peft_type MIXLORA: experts and routers on the
-    feed-forward blocks, engine.mixlora). The adapter applies to every row: generation
+    feed-forward blocks, engine.train.mixlora). The adapter applies to every row: generation
     batches are not split by job. Returns the layout its layers share.
     """
     adapter_dir = Path(adapter_dir)
@@ -93,7 +93,7 @@ def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTempla
                input: str = "") -> list[int]:
     """Token ids of the prompt that training put before an Alpaca row's output.
 
-    Mirrors ``engine.data.encode_row`` for a row with this instruction and input: a text
+    Mirrors ``engine.core.data.encode_row`` for a row with this instruction and input: a text
     template is tokenized with the tokenizer's special tokens (BOS) and without a trailing
     EOS; the chat template renders a user turn plus the assistant header, which already
     holds any special tokens. ``template`` None sends the text as is, like a text row.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from engine.data import IGNORE_INDEX
+from engine.core.data import IGNORE_INDEX
 
 PACKED_ATTENTION = "mlora_packed"
 _BOUNDS_ATTR = "_mlora_packed_bounds"

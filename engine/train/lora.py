@@ -16,7 +16,7 @@ Variants are small pieces on top of plain LoRA, with PEFT's math so adapters loa
 - DoRA: a trained magnitude vector rescales the row-normalised adapted weight;
 - LoRA+ lives in the optimizer (B's learning rate), not here.
 
-Packed passes (engine/packing.py) put every example in one row; their segments are ranges
+Packed passes (engine/train/packing.py) put every example in one row; their segments are ranges
 of token positions, and each layer runs on the positions as rows (``BatchLayout.packed``).
 
 Exactness: a dropout mask is a function of the job's micro-batch seed, the layer's name and
@@ -49,7 +49,7 @@ class Segment:
     # Seeds this micro-batch's dropout masks (with each layer's name); None: no dropout.
     dropout_seed: int | None = None
     # (rows, length) bool: the job's real (non-padding) tokens; MixLoRA routes and takes its
-    # router losses over these only (engine.mixlora.prepare_router_batch sets it).
+    # router losses over these only (engine.train.mixlora.prepare_router_batch sets it).
     token_mask: torch.Tensor | None = None
     # Packed passes: (tokens,) long, each token's example within the job's micro-batch
     # (MixLoRA's per-sequence expert capacity); every token of a packed segment is real.
@@ -67,7 +67,7 @@ class BatchLayout:
 
     segments: list[Segment] = field(default_factory=list)
     single: str | None = None
-    # Packed pass (engine/packing.py): the batch is one row of examples back to back, and
+    # Packed pass (engine/train/packing.py): the batch is one row of examples back to back, and
     # segments are ranges of its token positions instead of rows.
     packed: bool = False
 

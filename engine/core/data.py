@@ -3,7 +3,7 @@
 Three row kinds are accepted; one file holds one kind:
 
 * Alpaca: ``{"instruction": str, "input": str (optional), "output": str}``, rendered with a
-  prompt template (``engine.prompts``); the output plus EOS is the target.
+  prompt template (``engine.core.prompts``); the output plus EOS is the target.
 * Text: ``{"text": str}``; every token is a target (plain language-model training).
 * Messages: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
   rendered with the tokenizer's chat template; only assistant turns are targets.
@@ -29,8 +29,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from engine.errors import ConfigError, DataError
-from engine.prompts import PromptTemplate, load_template
+from engine.core.errors import ConfigError, DataError
+from engine.core.prompts import PromptTemplate, load_template
 
 IGNORE_INDEX = -100                 # label for tokens outside the loss (PyTorch's default)
 MAX_ROW_BYTES = 1 << 20             # one row (a JSONL line, or one array element)

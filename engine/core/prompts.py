@@ -1,7 +1,7 @@
 """Prompt templates: how an Alpaca row (instruction, input, output) becomes prompt text.
 
 A template renders the *prompt* only; the response (the row's ``output``) is appended after
-it by the encoder, which tokenizes the two separately (see ``engine.data.encode_row``).
+it by the encoder, which tokenizes the two separately (see ``engine.core.data.encode_row``).
 
 Templates come from two places:
 
@@ -36,7 +36,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 # Placeholder names a template may use; anything else is a config mistake.
 _ALLOWED_FIELDS = frozenset({"instruction", "input"})
