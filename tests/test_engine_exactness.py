@@ -84,6 +84,15 @@ def _three_adapters(files: dict[str, str]) -> list[AdapterConfig]:
     ]
 
 
+def equal_rank_twin(cfg: AdapterConfig, name: str, data: str, seed: int) -> AdapterConfig:
+    """A plain-LoRA job of ``cfg``'s rank and micro-batch size (what `mlora gen` templates
+    make): in a padded pass, their segments side by side are one batched matmul pair, where
+    each must still meet only its own adapter's weights. Other data, seed (so other initial
+    weights and masks) and learning rate."""
+    return replace(cfg, name=name, data=data, seed=seed, lr=cfg.lr / 2, use_rslora=False,
+                   use_dora=False, init_from=None)
+
+
 def _weights(engine: Engine, name: str) -> dict[str, torch.Tensor]:
     from engine.train.adapters import adapter_state_dict
     return adapter_state_dict(engine.model, name)
@@ -100,8 +109,10 @@ def _assert_same(actual: dict, expected: dict, rtol: float) -> None:
 def test_adapters_trained_together_equal_each_trained_alone(packing, tiny_llama, data_files,
                                                             tmp_path):
     adapters = _three_adapters(data_files)
+    adapters.insert(1, equal_rank_twin(adapters[0], "twin", data_files["c"], seed=5))
     together = Engine(_run_config(tiny_llama, tmp_path / "together", adapters, packing))
     assert together.packing == (packing == "on")
+    together.pass_overhead = 10**9    # padded: one pass a step, so "twin" sits beside "plain"
     together.run()
     assert {j.state for j in together.jobs.values()} == {"done"}
     # Training happened: B moved away from its zero init.
