@@ -36,7 +36,7 @@ from engine.train.adapters import (adapter_files, adapter_modules, attach_adapte
 from engine.core.config import AdapterConfig, RunConfig
 from engine.core.data import JobData
 from engine.core.errors import ConfigError, UserError
-from engine.core.events import open_log
+from engine.core.events import EventWriter, restore_file
 from engine.core.outputs import write_run_record
 from engine.train.lora import BatchLayout, Segment, mix_seed
 from engine.train.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
@@ -363,8 +363,8 @@ class Engine:
         self.on_event = on_event
         self.output_dir = Path(config.train.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_path = self.output_dir / "metrics.jsonl"
-        self._metrics = open_log(self._metrics_path) if write_metrics else None
+        self._metrics = EventWriter(self.output_dir / "metrics.jsonl",
+                                    restore=self._restore_run_record) if write_metrics else None
         self._stop_requested = False
         self.engine_step = 0           # batched steps taken; a resumed engine counts on
         self._split_passes = False     # after running out of memory: one pass per job
@@ -424,31 +424,16 @@ class Engine:
 
     def emit(self, type_: str, **fields) -> dict:
         event = {"type": type_, "time": time.time(), **fields}
-        if self._metrics is not None:
-            self._write_metrics(event)
+        # The writer's own notices (the log disappeared, cannot be written) come first.
+        notices = self._metrics.write(event) if self._metrics is not None else []
         if self.on_event is not None:
-            self.on_event(event)
+            for each in notices + [event]:
+                self.on_event(each)
         return event
 
-    def _write_metrics(self, event: dict) -> None:
-        try:
-            if not self._metrics_path.exists():
-                # The output folder was deleted or moved: start the log again where it was.
-                self._metrics.close()
-                self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                self._metrics = open_log(self._metrics_path)
-                self._metrics.write(json.dumps(
-                    {"type": "log", "time": time.time(), "level": "warning",
-                     "message": f"{self._metrics_path} disappeared; this log goes on from "
-                                "here (the events before are lost)"}) + "\n")
-            self._metrics.write(json.dumps(event, default=str) + "\n")
-            self._metrics.flush()
-        except OSError as exc:
-            self._metrics = None
-            if self.on_event is not None:
-                self.on_event({"type": "log", "time": time.time(), "level": "error",
-                               "message": f"cannot write {self._metrics_path} ({exc}); "
-                                          "training goes on without the metrics log"})
+    def _restore_run_record(self) -> list[str]:
+        """The metrics writer found the output folder gone: run.json goes back with it."""
+        return [restore_file("run.json", lambda: write_run_record(self.output_dir, self.config))]
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
