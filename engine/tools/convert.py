@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.core.config import (EXPERT_LORA_FIELDS, MIXLORA_FIELDS, MIXLORA_STRATEGY_ONLY,
-                           read_user_text)
+from engine.core.config import EXPERT_LORA_FIELDS, MIXLORA_FIELDS, MIXLORA_STRATEGY_ONLY
+from engine.core.config_file import read_user_text
 from engine.core.errors import ConfigError
 
 # m-LoRA global key -> [train] key.
