@@ -221,7 +221,7 @@ def test_a_100_mb_data_line_is_refused_at_once_with_bounded_memory(workdir, runt
     data = workdir / "data.jsonl"
     _huge_line_file(data, 100 << 20)
     config = _run_config(workdir)
-    from engine.core.data import load_data_file
+    from engine.core.data_files import load_data_file
 
     for check in (lambda: load_data_file(data), lambda: invoke("validate", config),
                   lambda: invoke("run", config)):
