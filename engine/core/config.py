@@ -6,6 +6,9 @@ without loading a model and raises ``ConfigError`` naming file, table and field.
 ``load_adapter_file`` / ``parse_adapter_tables`` validate ``[[adapter]]`` tables added to a
 running engine. What needs the model or the data's contents (module names of the model
 family, whether ``output_dir`` holds another run, data rows) is checked by the engine.
+Here: the fields, which rule applies to each, and the tables' checks; reading the file and
+the wording of errors are in ``engine.core.config_file``, the checks of one value (type,
+range, path) in ``engine.core.config_values``.
 This module never imports torch: the CLI validates configs without it.
 """
 
