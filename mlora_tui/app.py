@@ -30,9 +30,10 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 
 from engine.core.errors import UserError
+from engine.core.jobs import PAUSED, QUEUED, RUNNING
 from engine.core.protocol import VERSION_MISMATCH
 from mlora_tui.gpu import GpuReport, GpuSampler
-from mlora_tui.state import CONNECTED, PAUSED, QUEUED, RUNNING, EngineState, JobView
+from mlora_tui.state import CONNECTED, EngineState, JobView
 from mlora_tui.widgets.adapter_pane import AdapterPane
 from mlora_tui.widgets.add_adapters import AddAdaptersScreen
 from mlora_tui.widgets.backend_pane import BackendPane

@@ -1,7 +1,8 @@
 """Start an engine process, or find the one already running. Imports no torch.
 
-``ensure_engine(config)`` is what `mlora run` and `mlora-tui CONFIG` call: it validates
-the config here first (so a typo is reported before any process starts), returns the live
+``ensure_engine(config)`` is what `mlora run` and `mlora-tui CONFIG` call: it checks the
+config here first (``engine.core.preflight``, unless the caller did: so a typo is
+reported before any process starts), returns the live
 engine serving the config's output_dir if there is one, and otherwise starts
 ``python -m mlora_tui.cli serve CONFIG`` in its own session (closing the terminal or
 losing SSH does not reach it), with stdin from /dev/null and its output appended to
@@ -21,6 +22,8 @@ from collections import deque
 from pathlib import Path
 
 from engine.core.errors import UserError
+from engine.core.outputs import check_output_dir
+from engine.core.preflight import Preflight, preflight
 from engine.core.runtime import EngineNotFound, EngineRecord, describe, find_engine, list_engines
 from mlora_tui.client import EngineUnavailable, RequestFailed, hello_sync
 
@@ -29,35 +32,27 @@ __all__ = ["ensure_engine", "attach_target", "EngineNotFound", "log_tail"]
 
 def ensure_engine(config_path: str | os.PathLike, *, log_to: str | os.PathLike | None = None,
                   timeout: float = 120.0, max_steps: int | None = None,
-                  model_overrides: dict | None = None, resume: bool = False) -> EngineRecord:
+                  model_overrides: dict | None = None, resume: bool = False,
+                  checked: Preflight | None = None) -> EngineRecord:
     """The live engine for this config's output_dir, started when there is none.
 
     ``log_to`` replaces ``<output_dir>/engine.log`` as the engine's log; ``max_steps`` and
     ``model_overrides`` (``[model]`` fields) and ``resume`` (continue from the newest
-    checkpoint) apply only to an engine started here. Raises
-    UserError for a bad config or data
-    file (nothing started), or when the engine exits before it answers (with the end of
-    its log).
+    checkpoint) apply only to an engine started here. ``checked``: the caller's
+    ``preflight`` of the same config and options, so nothing is read twice. Raises
+    UserError for a bad config or data file or an output folder holding another run
+    (nothing started), or when the engine exits before it answers (with the end of its log).
     """
-    from engine.core.config import apply_model_overrides, load_config
-    from engine.core.data import load_data_file
-
-    run_config = load_config(config_path)
-    if model_overrides:
-        apply_model_overrides(run_config, model_overrides)
-    for adapter in run_config.adapters:
-        try:
-            load_data_file(adapter.data)
-        except UserError as e:
-            raise UserError(f"{e} (data of adapter {adapter.name!r})") from None
-    output_dir = Path(os.path.abspath(run_config.train.output_dir))
+    if checked is None:
+        checked = preflight(config_path, model_overrides=model_overrides, resume=resume)
+    output_dir = checked.output_dir
     running = find_engine(output_dir=output_dir)
     if running is not None:
         return running
-    # A new engine must not append to another run's folder (`mlora run` checked this
-    # already, and set an old run aside with --overwrite; `mlora-tui CONFIG` did not).
-    from engine.core.outputs import check_output_dir
-    check_output_dir(run_config, resume=resume, overwrite=False)
+    if not checked.output_checked:
+        # The engine that served the folder when it was checked has exited since: the
+        # folder is now its finished run, which a new engine must not append to.
+        check_output_dir(checked.config, resume=resume, overwrite=False)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(os.path.abspath(log_to or output_dir / "engine.log"))

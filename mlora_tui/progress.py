@@ -3,8 +3,8 @@
 Both are fed the engine's event dicts (see ``engine.train.engine.Engine`` and
 ``engine.core.protocol``), one at a time, through ``handle(event)``, whether they arrive live or
 are replayed to a client that attached late. ``RunProgress`` shows one bar per adapter
-(name, step/total, loss, tokens/s, ETA) and prints state changes, warnings and saved files
-above the bars.
+(name, step/total, loss, tokens/s, ETA) and prints each job's variant and size when it is
+added, state changes, warnings and saved files above the bars.
 ``RunSummary`` remembers where each job ended and prints, at the end, where every adapter
 is and the command to try it.
 
@@ -25,16 +25,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column
 from rich.text import Text
 
-_STATE_STYLES = {
-    "queued": "dim",
-    "running": "cyan",
-    "paused": "yellow",
-    "done": "green",
-    "failed": "bold red",
-    "cancelled": "magenta",
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING, job_variant
+
+# "stopped" is no job state: the summary's word for a job the run left unfinished.
+STATE_STYLES = {
+    QUEUED: "dim",
+    RUNNING: "cyan",
+    PAUSED: "yellow",
+    DONE: "green",
+    FAILED: "bold red",
+    CANCELLED: "magenta",
     "stopped": "yellow",
 }
-_UNFINISHED = ("queued", "running", "paused")
+_UNFINISHED = (QUEUED, RUNNING, PAUSED)
 _LOG_STYLES = {"debug": "dim", "info": "dim", "warning": "yellow", "error": "bold red"}
 
 
@@ -116,25 +119,25 @@ class RunProgress:
         adapter = event.get("adapter") or {}
         self._tasks[name] = self._progress.add_task(
             name, total=total, loss=_format_loss(None), speed=_format_speed(None),
-            eta=format_duration(None), state=_state_text("queued"))
-        detail = f"r={adapter.get('r')}" if adapter else ""
+            eta=format_duration(None), state=_state_text(QUEUED))
+        detail = f", {job_variant(event)} r={adapter.get('r')}" if adapter else ""
         self.print(f"{name}: added ({event.get('train_examples')} training examples, "
-                   f"{event.get('val_examples')} validation, {total} steps"
-                   f"{', ' + detail if detail else ''})", style="dim")
+                   f"{event.get('val_examples')} validation, {total} steps{detail})",
+                   style="dim")
 
     def _on_job_state(self, event: dict) -> None:
         name, state = event["job"], event["state"]
         task = self._tasks.get(name)
         if task is not None:
             self._progress.update(task, state=_state_text(state))
-            if state == "done":
+            if state == DONE:
                 self._progress.update(task, completed=event.get("total_steps"),
                                       eta=format_duration(0))
-        if state == "queued":
+        if state == QUEUED:
             return   # every job starts queued: saying so for each is noise
         reason = event.get("reason")
         self.print(f"{name}: {state}" + (f": {reason}" if reason else ""),
-                   style=_STATE_STYLES.get(state, ""))
+                   style=STATE_STYLES.get(state, ""))
 
     def _on_step(self, event: dict) -> None:
         task = self._tasks.get(event["job"])
@@ -169,7 +172,7 @@ class RunProgress:
 
 
 def _state_text(state: str) -> Text:
-    return Text(state, style=_STATE_STYLES.get(state, ""))
+    return Text(state, style=STATE_STYLES.get(state, ""))
 
 
 @dataclass
@@ -177,7 +180,7 @@ class JobOutcome:
     """Where one job ended, as told by the events."""
 
     name: str
-    state: str = "queued"
+    state: str = QUEUED
     reason: str | None = None
     step: int = 0
     total_steps: int = 0
@@ -212,6 +215,7 @@ class RunSummary:
         self.ended = False
         self.exit_code: int | None = None     # the engine process's, once it said so
         self.exit_reason: str | None = None
+        self.metrics_lost: list[str] = []     # what metrics.jsonl lacks, from engine_exit
 
     def _job(self, name: str) -> JobOutcome:
         return self.jobs.setdefault(name, JobOutcome(name))
@@ -240,6 +244,7 @@ class RunSummary:
             self._job(event["job"]).adapter_path = event.get("path")
         elif kind == "engine_exit":
             self.exit_code, self.exit_reason = event.get("code"), event.get("reason")
+            self.metrics_lost = event.get("metrics_lost") or []
         elif kind == "run_end":
             self.ended = True
             for name, final in (event.get("jobs") or {}).items():
@@ -250,7 +255,7 @@ class RunSummary:
 
     @property
     def any_failed(self) -> bool:
-        return any(job.state == "failed" for job in self.jobs.values())
+        return any(job.state == FAILED for job in self.jobs.values())
 
     def render(self, console: Console) -> None:
         """Each adapter's state and folder, then the commands to try the finished ones."""
@@ -268,21 +273,21 @@ class RunSummary:
             line = Text("  ")
             line.append(f"{job.name:<{width}}  ")
             state = states[job.name]
-            line.append(f"{state:<11}", style=_STATE_STYLES.get(state, ""))
+            line.append(f"{state:<11}", style=STATE_STYLES.get(state, ""))
             line.append(f" {job.step:>5}/{job.total_steps:<5}")
             if job.loss is not None:
                 line.append(f"  loss {job.loss:.4f}")
             if job.eval_loss is not None:
                 line.append(f"  val {job.eval_loss:.4f}")
             where = self.adapter_folder(job)
-            if job.state == "done" and where:
+            if job.state == DONE and where:
                 line.append(f"  -> {where}", style="green")
             elif where:
                 line.append(f"  last checkpoint: {where}")
             else:
                 line.append("  nothing saved", style="dim")
             if job.reason:
-                line.append(f"  ({job.reason})", style=_STATE_STYLES.get(job.state, ""))
+                line.append(f"  ({job.reason})", style=STATE_STYLES.get(job.state, ""))
             console.print(line, soft_wrap=True)
         tries = [(job, self.adapter_folder(job)) for job in self.jobs.values()]
         tries = [(job, folder) for job, folder in tries if folder]
@@ -301,8 +306,16 @@ class RunSummary:
                 console.print(Text(f"  mlora generate --adapter {shlex.quote(folder)} {prompt}"),
                               soft_wrap=True)
         if self.output_dir:
-            console.print(Text(f"Every event is in {Path(self.output_dir) / 'metrics.jsonl'}",
-                               style="dim"), soft_wrap=True)
+            # Never claim a whole log: the folder may have been deleted, a disk filled.
+            metrics = Path(self.output_dir) / "metrics.jsonl"
+            if not metrics.is_file():
+                log_note = Text(f"No event log: {metrics} is missing", style="yellow")
+            elif self.metrics_lost:
+                log_note = Text(f"Events are in {metrics}, except "
+                                + "; ".join(self.metrics_lost), style="yellow")
+            else:
+                log_note = Text(f"Every event is in {metrics}", style="dim")
+            console.print(log_note, soft_wrap=True)
 
     def shown_state(self, job: JobOutcome) -> str:
         """The job's state; once the run has ended, nothing is running any more."""

@@ -20,23 +20,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
-    "queued", "running", "paused", "done", "failed", "cancelled")
-FINAL_STATES = (DONE, FAILED, CANCELLED)
+from engine.core.jobs import FAILED, FINAL_STATES, QUEUED, job_variant
 
 CONNECTING, CONNECTED, DISCONNECTED = "connecting", "connected", "disconnected"
 
 # Job fields a status reply's job summary and a ``step`` event share.
 _STEP_FIELDS = ("step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s",
                 "eta_s")
-_SUMMARY_FIELDS = _STEP_FIELDS + ("state", "reason", "variant", "r", "eval_loss")
-
-
-def variant_of(adapter: dict[str, Any]) -> str:
-    """The adapter's variant as the engine names it (``Job.variant``)."""
-    name = "dora" if adapter.get("use_dora") else "rslora" if adapter.get("use_rslora") else "lora"
-    ratio = adapter.get("loraplus_lr_ratio", 1.0)
-    return name + ("+loraplus" if ratio not in (None, 1.0) else "")
+_SUMMARY_FIELDS = _STEP_FIELDS + ("state", "reason", "r", "eval_loss")
 
 
 @dataclass
@@ -173,6 +164,8 @@ class EngineState:
                     setattr(job, name, summary[name])
             if summary.get("adapter"):
                 job.adapter = dict(summary["adapter"])
+            if summary.get("variant") or summary.get("adapter"):
+                job.variant = job_variant(summary)
         self._heard()
 
     def apply_event(self, event: dict[str, Any], seq: int | None = None) -> bool:
@@ -202,7 +195,7 @@ class EngineState:
     def _on_job_added(self, ev: dict[str, Any]) -> None:
         job = self._job(ev["job"])
         job.adapter = dict(ev.get("adapter") or {})
-        job.variant = variant_of(job.adapter)
+        job.variant = job_variant(ev)
         job.r = job.adapter.get("r", job.r)
         job.total_steps = ev.get("total_steps", job.total_steps)
         job.targets = list(ev.get("targets") or [])
@@ -217,7 +210,7 @@ class EngineState:
         job.reason = ev.get("reason")
         job.step = ev.get("step", job.step)
         job.total_steps = ev.get("total_steps", job.total_steps)
-        if job.state in (DONE, FAILED, CANCELLED):
+        if job.state in FINAL_STATES:
             job.eta_s = None
         level = "error" if job.state == FAILED else "info"
         text = f"{job.name}: {job.state}" + (f" ({job.reason})" if job.reason else "")

@@ -27,9 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from engine.core.errors import UserError
-
-EXIT_USER_ERROR = 2
-EXIT_NO_ENGINE = 3
+from engine.core.jobs import EXIT_NO_ENGINE, EXIT_OK, EXIT_USER_ERROR
 
 cli = typer.Typer(name="mlora-tui", add_completion=False, rich_markup_mode="rich",
                   pretty_exceptions_show_locals=False)
@@ -68,18 +66,6 @@ def load_keymap(path: Path, known_ids: set[str]) -> dict[str, str]:
     return data
 
 
-def _check_output_dir(run_config, resume: bool) -> None:
-    """Refuse, before the screen opens, to start an engine into a folder that holds another
-    run (unless resuming it); attaching to the engine already running it is fine."""
-    import os
-
-    from engine.core.outputs import check_output_dir
-    from engine.core.runtime import find_engine
-
-    if find_engine(output_dir=os.path.abspath(run_config.train.output_dir)) is None:
-        check_output_dir(run_config, resume=resume, overwrite=False)
-
-
 @cli.command(help="Watch and steer the LoRA jobs of an engine in a terminal UI.\n\n"
                   "With CONFIG, start its engine (or attach to the one already running it); "
                   "with --attach, attach to a running engine; with neither, attach to the "
@@ -107,11 +93,12 @@ def main_command(
 
     try:
         if config is not None:
-            from engine.core.config import load_config
+            from engine.core.preflight import preflight
 
-            run_config = load_config(config)   # a typo is reported here, before the screen
-            _check_output_dir(run_config, resume)  # as is a folder holding another run
-            locate = lambda: ensure_engine(config, resume=resume)  # noqa: E731 (in a worker)
+            # A typo, a bad data row or a folder holding another run is reported here,
+            # before the screen opens; the engine starts behind the first frame.
+            found = preflight(config, resume=resume)
+            locate = lambda: ensure_engine(config, resume=resume, checked=found)  # noqa: E731
             target = None
         else:
             record = attach_target(attach)
@@ -130,7 +117,7 @@ def main_command(
     app.run()
     if app.failure:
         _fail(app.failure, app.return_code or EXIT_USER_ERROR)
-    raise typer.Exit(app.return_code or 0)
+    raise typer.Exit(app.return_code or EXIT_OK)
 
 
 def main() -> None:

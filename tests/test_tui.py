@@ -127,7 +127,7 @@ def test_rows_appear_and_losses_update(run):
             assert cell(app, "watch", "loss") != first_loss
             assert cell(app, "watch", "state") == "running"
             assert cell(app, "watch", "variant") == "lora"
-            assert cell(app, "pauseme", "variant") == "rslora"
+            assert cell(app, "pauseme", "variant") == "lora+rslora"
             # The history behind the chart starts at the first step: replayed on connect.
             history = app.state.jobs["watch"].history
             assert history[0][0] == 1 and len(history) > 5

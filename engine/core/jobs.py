@@ -43,3 +43,9 @@ def variant_label(adapter: Any) -> str:
     ratio = get("loraplus_lr_ratio", 1.0)
     return (kind + ("+rslora" if get("use_rslora") else "")
             + ("+loraplus" if ratio not in (None, 1, 1.0) else ""))
+
+
+def job_variant(job: Mapping[str, Any]) -> str:
+    """The variant label of a job summary or ``job_added`` event: the ``variant`` the engine
+    sent, else computed from its ``adapter`` settings (an engine that sends none)."""
+    return job.get("variant") or variant_label(job.get("adapter") or {})

@@ -1,4 +1,5 @@
-"""The adapter pane: every setting of the selected adapter, as its config gave them.
+"""The adapter pane: the selected adapter's variant, then every setting as its config gave
+them.
 
 Fields come from the job's ``adapter`` dict (all of ``AdapterConfig``) in its own order, so
 a field added to the config shows up here without a change. Settings left to a default that
@@ -63,8 +64,9 @@ class AdapterPane(VerticalScroll):
         yield self._body
 
     def show(self, job: JobView | None) -> None:
-        key = None if job is None else (job.name, repr(job.adapter), tuple(job.targets),
-                                        job.train_examples, job.val_examples, job.reason)
+        key = None if job is None else (job.name, job.variant, repr(job.adapter),
+                                        tuple(job.targets), job.train_examples,
+                                        job.val_examples, job.reason)
         if key == self._shown:
             return
         self._shown = key
@@ -75,6 +77,7 @@ class AdapterPane(VerticalScroll):
         table = Table.grid(padding=(0, 1))
         table.add_column(style="bold", no_wrap=True)
         table.add_column(overflow="fold")
+        table.add_row("variant", Text(job.variant))
         for name, value in job.adapter.items():
             if name != "name":
                 table.add_row(name, _value(name, value, job))

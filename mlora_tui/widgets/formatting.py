@@ -8,18 +8,19 @@ import re
 import time
 from typing import Mapping
 
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
 from mlora_tui.progress import format_duration
 
 DASH = "-"
 NA = "N/A"
 
 STATE_STYLES = {
-    "queued": "dim",
-    "running": "bold $success",
-    "paused": "bold $warning",
-    "done": "$primary",
-    "failed": "bold $error",
-    "cancelled": "dim $secondary",
+    QUEUED: "dim",
+    RUNNING: "bold $success",
+    PAUSED: "bold $warning",
+    DONE: "$primary",
+    FAILED: "bold $error",
+    CANCELLED: "dim $secondary",
 }
 LOG_STYLES = {"debug": "dim", "info": "", "warning": "$warning", "error": "bold $error"}
 

@@ -15,14 +15,17 @@ from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
 
+from engine.core.jobs import RUNNING
 from mlora_tui.state import JobView
 from mlora_tui.widgets import formatting as fmt
 
 # (key, label, width of the text, right-aligned). Every column is one cell wider than its
-# text, the gap on its left, so that all eleven fit in a 100-column terminal.
+# text, the gap on its left, so that all eleven fit in a 100-column terminal with a cell to
+# spare for the scroll bar. A variant label of up to two parts fits (``mixlora-dynamic``,
+# ``dora+loraplus``); the adapter pane shows a longer one whole.
 COLUMNS = (
-    ("name", "adapter", 14, False),
-    ("variant", "variant", 13, False),
+    ("name", "adapter", 13, False),
+    ("variant", "variant", 15, False),
     ("r", "r", 3, True),
     ("state", "state", 9, False),
     ("step", "step", 9, True),
@@ -49,8 +52,8 @@ def row_cells(job: JobView) -> dict[str, str]:
         "eval_loss": fmt.loss(job.eval_loss),
         "lr": fmt.lr(job.lr),
         # Speed and time left mean something only while the job is in the batch.
-        "tokens_per_s": fmt.rate(job.tokens_per_s) if job.state == "running" else fmt.DASH,
-        "eta": fmt.eta(job.eta_s) if job.state == "running" else fmt.DASH,
+        "tokens_per_s": fmt.rate(job.tokens_per_s) if job.state == RUNNING else fmt.DASH,
+        "eta": fmt.eta(job.eta_s) if job.state == RUNNING else fmt.DASH,
     }
 
 
