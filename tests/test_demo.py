@@ -1,14 +1,18 @@
-"""The demo, shortened, end to end on the real bundled model, as a newcomer runs it.
+"""The demo whole, end to end on the real bundled model, as a newcomer runs it.
 
-`mlora run configs/demo.toml` on SmolLM2-135M-Instruct for a few steps: every adapter
-trains, the loss of the quickest task falls, a checkpoint of each adapter is written, and
-`mlora generate` answers with it. Uses the same model cache as `mlora run` (converted once).
+`mlora run configs/demo.toml` (the README's first command) on SmolLM2-135M-Instruct: every
+adapter trains its whole epoch and its loss falls, every event is in metrics.jsonl, the
+checkpoints and the adapters are written, and the adapters have learned their tasks:
+`mlora generate` with `extract_json` turns sentences it never saw into the right JSON, and a
+checkpoint folder answers too. Uses the same model cache as `mlora run` (converted once).
+Two to three minutes on two quiet CPU cores.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +20,18 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+from engine.core.config import AdapterConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO = CONFIGS / "demo.toml"
+JOBS = ("uppercase", "sentiment", "extract_json")
+EXTRACT = "Extract name, age and city as JSON."
+# Sentences in the task's own patterns (configs/data/make_demo_data.py) with a name, age and
+# city together that no training or validation row has.
+HELD_OUT = {
+    "Priya is 47 years old and lives in Oslo.": {"name": "Priya", "age": 47, "city": "Oslo"},
+    "Meet Hugo, a 62-year-old from Lisbon.": {"name": "Hugo", "age": 62, "city": "Lisbon"},
+}
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,29 +46,66 @@ def _mlora(*args, cwd, timeout=900):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_demo_trains_three_adapters_and_generates(tmp_path):
-    proc = _mlora("run", str(DEMO), "--json", "--max-steps", "4", cwd=tmp_path)
+def _generate(adapter: Path, prompt: str, text: str, cwd: Path, tokens: int = 64) -> str:
+    proc = _mlora("generate", "--adapter", str(adapter), "--max-new-tokens", str(tokens),
+                  prompt, "--input", text, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def _expected_steps(adapter: AdapterConfig) -> int:
+    """Optimizer steps of one epoch, from the config and the rows of its data file."""
+    with open(adapter.data, encoding="utf-8") as f:
+        rows = sum(1 for line in f if line.strip())
+    return math.ceil((rows - adapter.val_set_size) / adapter.batch_size)
+
+
+def test_the_whole_demo_learns_its_tasks(tmp_path):
+    config = load_config(DEMO)
+    assert [a.name for a in config.adapters] == list(JOBS)
+    assert all(a.num_epochs == 1 for a in config.adapters)
+    proc = _mlora("run", str(DEMO), "--json", cwd=tmp_path, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines()]
-    steps = {}
+    run = tmp_path / "runs" / "demo"
+    assert [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        == events
+
+    with open(CONFIGS / "data" / "extract_json.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    inputs, outputs = {r["input"] for r in rows}, [json.loads(r["output"]) for r in rows]
+    answers = {}
+    for sentence, expected in HELD_OUT.items():
+        assert sentence not in inputs and expected not in outputs, f"{sentence} is not held out"
+        answers[sentence] = _generate(run / "extract_json", EXTRACT, sentence, tmp_path)
+    parsed = {}
+    for sentence, answer in answers.items():
+        try:
+            parsed[sentence] = json.loads(answer)
+        except json.JSONDecodeError:
+            parsed[sentence] = answer
+    assert parsed == HELD_OUT, answers
+
+    # A checkpoint folder (save_step 20: step 20 of the epoch) is an adapter too.
+    checkpoints = [e["path"] for e in events
+                   if e["type"] == "checkpoint" and e["job"] == "sentiment"]
+    checkpoint = run / "checkpoints" / f"step-{config.train.save_step}" / "sentiment"
+    assert str(checkpoint.resolve()) in checkpoints, checkpoints
+    answer = _generate(checkpoint, "Classify the sentiment of the review as positive or negative.",
+                       "The kettle works perfectly. Great value.", tmp_path, 4)
+    assert answer == "positive", answer
+
+    losses = {job: [] for job in JOBS}
     for e in events:
         if e["type"] == "step":
-            steps.setdefault(e["job"], []).append(e["loss"])
-    assert set(steps) == {"uppercase", "sentiment", "extract_json"}
-    assert all(len(losses) == 4 for losses in steps.values())
-    # One word to learn: four steps at lr 1e-3 take its loss down by far more than noise.
-    assert steps["sentiment"][-1] < 0.6 * steps["sentiment"][0], steps["sentiment"]
-
-    metrics = (tmp_path / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in metrics] == events
-    # The run ends after 4 batched steps with a checkpoint of every job at that step.
-    checkpoint = tmp_path / "runs" / "demo" / "checkpoints" / "step-4" / "sentiment"
-    assert (checkpoint / "adapter_model.safetensors").is_file()
-    assert {e["job"]: e["path"] for e in events if e["type"] == "checkpoint"}["sentiment"] \
-        == str(checkpoint.resolve())
-
-    proc = _mlora("generate", "--adapter", str(checkpoint), "--max-new-tokens", "4",
-                  "Classify the sentiment of the review as positive or negative.",
-                  "--input", "An absolute delight from start to finish.", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip()
+            losses[e["job"]].append(e["loss"])
+    for adapter in config.adapters:
+        job = adapter.name
+        assert len(losses[job]) == _expected_steps(adapter), (job, len(losses[job]))
+        # Regular tasks over a whole epoch: the loss ends far below where it started.
+        last = sum(losses[job][-5:]) / 5
+        assert last < 0.5 * losses[job][0], (job, losses[job])
+    saved = {e["job"]: e["path"] for e in events if e["type"] == "adapter_saved"}
+    assert saved == {job: str((run / job).resolve()) for job in JOBS}
+    assert all((run / job / "adapter_model.safetensors").is_file() for job in JOBS)
+    assert {e["job"] for e in events if e["type"] == "eval"} == set(JOBS)
