@@ -101,6 +101,7 @@ class EventWriter:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._opened = False        # once opened, a missing file means it was deleted
+        self._identity: tuple[int, int] | None = None   # the file last opened
         self._closed = False
         self._gap: _Gap | None = None
         self._losses: list[str] = []
@@ -139,23 +140,29 @@ class EventWriter:
     def _reopen(self, when: float) -> tuple[list[dict], list[str]]:
         """Open the file where needed: the notices to write first, and the losses they
         tell of (kept once that write succeeds)."""
-        if self._fd is not None and self.path.exists():
-            return [], []
+        if self._fd is not None:
+            if self._still_there():
+                return [], []
+            gone = True     # deleted, or replaced: its events went where no one looks
+        else:
+            # After a failed write, what is there now is the log (a disk freed by
+            # replacing the file is no loss); only its absence is.
+            gone = self._opened and not self.path.exists()
         self._drop_fd()
         notices, losses = [], []
-        if self._opened and not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if gone:
             made = self._restore() if self._restore is not None else []
             notices.append(notice("warning", (
-                f"{self.path} disappeared (deleted or moved, perhaps with its folder): it "
-                f"starts again here and the events before are lost"
+                f"{self.path} disappeared (deleted, moved or replaced, perhaps with its "
+                f"folder): it starts again here and the events before are lost"
                 + "".join(f"; {phrase}" for phrase in made))))
             losses.append(f"the events before {_clock(when)} (lost when the file "
                           f"disappeared)")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = _open(self.path)
         self._opened = True
+        stat = os.fstat(self._fd)
+        self._identity = (stat.st_dev, stat.st_ino)
         if self._gap is not None:
             gap = self._gap
             notices.append(notice("warning", (
@@ -164,6 +171,14 @@ class EventWriter:
                 f"({gap.reason})")))
             losses.append(gap.describe(ended=True))
         return notices, losses
+
+    def _still_there(self) -> bool:
+        """Whether ``path`` is still the file last opened (not deleted, not replaced)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self._identity
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)
