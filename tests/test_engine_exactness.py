@@ -7,6 +7,7 @@ PyTorch training loop over a PEFT model, and Hugging Face's own loss.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -145,9 +146,59 @@ def test_simultaneous_limit_queues_jobs_without_changing_results(tiny_llama, dat
 # -- against PEFT ---------------------------------------------------------------------------
 
 
+def peft_initial_adapter(model_dir: Path, folder: Path, **lora) -> Path:
+    """A PEFT-initialised r=4 adapter on q, v and down_proj with non-zero B (so every term of
+    the math is live), saved to ``folder``; ``lora``: more LoraConfig fields."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                             target_modules=["q_proj", "v_proj", "down_proj"],
+                             task_type="CAUSAL_LM", **lora)
+    torch.manual_seed(0)
+    initial = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for n, p in initial.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    initial.save_pretrained(folder)
+    return folder
+
+
+def _reference_optimizer(model, cfg: AdapterConfig) -> torch.optim.Optimizer:
+    """torch's optimizer for ``cfg`` over the PEFT model's trainable parameters (LoRA+: PEFT's)."""
+    if cfg.loraplus_lr_ratio != 1.0:
+        from peft.optimizers import create_loraplus_optimizer
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr,
+                                         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                         weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _reference_scheduler(optimizer, cfg: AdapterConfig, total_steps: int):
+    """transformers' schedule for ``cfg``: our "constant" with warm-up is its
+    constant_with_warmup (its "constant" has no warm-up)."""
+    import transformers
+
+    warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+              else math.ceil(cfg.warmup_ratio * total_steps))
+    if cfg.scheduler_type == "constant":
+        return transformers.get_constant_schedule_with_warmup(optimizer, warmup)
+    schedule = {"linear": transformers.get_linear_schedule_with_warmup,
+                "cosine": transformers.get_cosine_schedule_with_warmup}[cfg.scheduler_type]
+    return schedule(optimizer, warmup, total_steps)
+
+
 def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, name: str,
-                             steps: int) -> dict[str, torch.Tensor]:
-    """Train the adapter saved in ``init_dir`` with PEFT and a plain loop, same batches."""
+                             steps: int, log: list | None = None) -> dict[str, torch.Tensor]:
+    """Train the adapter saved in ``init_dir`` with PEFT and a plain loop, same batches:
+    torch's optimizer, transformers' schedule and torch's clip_grad_norm_ as ``name``'s
+    config asks. Returns the adapter's weights; appends each step's lr and pre-clip norm
+    to ``log``."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
@@ -155,17 +206,13 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
     model = peft.PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     cfg = engine.jobs[name].cfg
     data = engine.jobs[name].data
-    if cfg.loraplus_lr_ratio != 1.0:
-        from peft.optimizers import create_loraplus_optimizer
-        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr,
-                                              loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                                              weight_decay=0.0)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = _reference_optimizer(model, cfg)
+    scheduler = _reference_scheduler(optimizer, cfg, steps)
+    params = [p for p in model.parameters() if p.requires_grad]
     pad = engine.tokenizer.pad_token_id
-    done, epoch = 0, 0
-    while done < steps:
+    log = [] if log is None else log
+    epoch = 0
+    while len(log) < steps:
         for batch in data.epoch_batches(epoch):
             examples = [data.train[i] for i in batch]
             # HF's loss is a mean over a micro-batch's targets; the batch-wide mean needs the
@@ -181,10 +228,14 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
                 micro_targets = int((labels[:, 1:] != -100).sum())
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 (loss * micro_targets / batch_targets).backward()
+            # No max_grad_norm: an infinite one, which scales by exactly 1.
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)
+            log.append({"lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)})
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad()
-            done += 1
-            if done == steps:
+            if len(log) == steps:
                 break
         epoch += 1
     state = peft.get_peft_model_state_dict(model)
@@ -196,23 +247,8 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
     ("dora+loraplus", "on"), ("lora", "off"), ("dora", "off")])
 def test_engine_training_equals_peft_training(variant, packing, tiny_llama, data_files,
                                               tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    # A PEFT-initialised adapter with non-zero B, so every term of the math is live.
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                  target_modules=["q_proj", "v_proj", "down_proj"],
-                                  use_rslora=variant == "rslora", use_dora="dora" in variant,
-                                  task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    initial = peft.get_peft_model(base, lora_config)
-    with torch.no_grad():
-        for n, p in initial.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    init_dir = tmp_path / "init"
-    initial.save_pretrained(init_dir)
-
+    init_dir = peft_initial_adapter(tiny_llama, tmp_path / "init", use_rslora=variant == "rslora",
+                                    use_dora="dora" in variant)
     cfg = AdapterConfig(prompt="alpaca_short", name="job", data=data_files["a"], r=4, lora_alpha=8, lora_dropout=0.0,
                         use_rslora=variant == "rslora", use_dora="dora" in variant,
                         loraplus_lr_ratio=8.0 if "loraplus" in variant else 1.0,
