@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.train.loss import chunked_head_loss
-from engine.train.engine import plan_passes
+from engine.train.planning import plan_passes
 
 
 def _head(vocab: int, dim: int, bias: bool, dtype: torch.dtype) -> torch.nn.Linear:

@@ -10,24 +10,20 @@ Exactness: nothing in a job's arithmetic depends on the other jobs in the batch.
 the sum of token losses over its own target tokens divided by the number of target tokens
 in its whole optimizer batch (so accumulation equals one big batch); its dropout masks come
 from its own seed, micro-batch count and tokens; it has its own optimizer, scheduler and clipping.
+
+Beside this module: the job (job.py), its schedule (schedules.py), which micro-batches share
+a pass (planning.py), which queued jobs start (admission.py) and checkpoints (resume.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
-from safetensors.torch import load_file
 
 from engine.core import checkpoints as ckpt
 from engine.train.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
@@ -37,316 +33,25 @@ from engine.core.config import AdapterConfig, RunConfig
 from engine.core.data import JobData
 from engine.core.errors import ConfigError, UserError
 from engine.core.events import EventWriter, restore_file
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
 from engine.core.outputs import write_run_record
-from engine.train.lora import BatchLayout, Segment, mix_seed
+from engine.train.admission import Admission
+from engine.train.job import Job
+from engine.train.lora import BatchLayout
 from engine.train.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
-                            is_mixlora, mixlora_peft_fields, mixlora_targets,
-                            prepare_router_batch, router_losses, take_router_stats)
-from engine.train.loss import chunked_head_loss
-from engine.train.packing import pack, packed_pass, packing_problem
+                            mixlora_peft_fields, mixlora_targets, take_router_stats)
+from engine.train.packing import packing_problem
+from engine.train.passes import PassRunner, StepClock
+from engine.train.planning import (DEFAULT_PASS_OVERHEAD, PASS_OVERHEAD_TOKENS, MicroBatch, Pass,
+                                   StepTotals, plan_step)
 from engine.train.models import (default_targets, enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
                            select_device)
+from engine.train.resume import (check_data, check_layout, check_resumable, checkpoint_files,
+                                 load_job_state, restore_rng)
 from engine.core.prompts import load_template
 
-IGNORE_INDEX = -100
 EventSink = Callable[[dict], None]
-
-QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
-    "queued", "running", "paused", "done", "failed", "cancelled")
-FINAL_STATES = (DONE, FAILED, CANCELLED)
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier at optimizer step ``step`` (HF's schedules)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
-class Job:
-    """One adapter being trained: its data, weights, optimizer, schedule and progress."""
-
-    def __init__(self, cfg: AdapterConfig, data: JobData, params: dict[str, list], seed: int,
-                 targets: list[str], from_config: bool = True):
-        self.cfg = cfg
-        self.name = cfg.name
-        self.data = data
-        # False for jobs added to a running engine: a resume restores them from the
-        # checkpoint rather than expecting them in the config.
-        self.from_config = from_config
-        self.data_fingerprint = ckpt.data_fingerprint(data.train, data.val)
-        self.seed = seed
-        self.targets = targets
-        self.state = QUEUED
-        self.reason: str | None = None
-        self.step = 0
-        self.epoch = 0
-        self.total_steps = data.total_steps(cfg.num_epochs)
-        self._batches: list[list[int]] = []
-        self._pending: list[list[int]] = []
-        self._batch_targets = 0
-        self._loss_sum = 0.0
-        self._tokens = 0
-        self._step_started = time.monotonic()
-        self._step_seconds: float | None = None
-        self.history: list[dict] = []
-        self.last_metrics: dict = {}
-        self.eval_loss: float | None = None
-        # Counts micro-batches drawn: with the seed it names each micro-batch's dropout masks.
-        self.micro_batches_drawn = 0
-        self.parameters = params["A"] + params["B"] + params["magnitude"]
-        self.optimizer = self._make_optimizer(params)
-        warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
-                  else math.ceil(cfg.warmup_ratio * self.total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.scheduler_type, warmup, self.total_steps))
-
-    def _make_optimizer(self, params: dict[str, list]) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        # LoRA+ (and PEFT's create_loraplus_optimizer): B and 1-D tensors learn ratio x faster.
-        groups = [{"params": params["A"], "lr": cfg.lr},
-                  {"params": params["B"] + params["magnitude"], "lr": cfg.lr * cfg.loraplus_lr_ratio}]
-        groups = [g for g in groups if g["params"]]
-        if cfg.optim == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def started(self) -> None:
-        """The job enters the batch: its step timing (tokens/s, ETA) counts from now."""
-        self._step_started = time.monotonic()
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def next_micro_batch(self) -> list[int]:
-        """Indices of the examples of this job's next micro-batch."""
-        if not self._pending:
-            while not self._batches:
-                self._batches = list(self.data.epoch_batches(self.epoch))
-                if not self._batches:
-                    raise UserError(f"adapter {self.name!r}: no training examples")
-            batch = self._batches.pop(0)
-            self._pending = list(self.data.micro_batches(batch, self.cfg.micro_batch_size))
-            self._batch_targets = sum(_count_targets(self.data.train[i].labels) for i in batch)
-            self._loss_sum = 0.0
-            self._tokens = 0
-        self.micro_batches_drawn += 1
-        return self._pending.pop(0)
-
-    def unread(self, indices: list[int]) -> None:
-        """Put back the micro-batch just drawn: the next draw returns it, with its masks."""
-        self._pending.insert(0, indices)
-        self.micro_batches_drawn -= 1
-
-    def dropout_seed(self) -> int:
-        """The seed of the current micro-batch's dropout masks."""
-        return mix_seed(self.seed, self.micro_batches_drawn)
-
-    @property
-    def accumulation_complete(self) -> bool:
-        return not self._pending
-
-    def loss_normalizer(self) -> int:
-        return max(1, self._batch_targets)
-
-    def record_micro_batch(self, loss: float, tokens: int) -> None:
-        self._loss_sum += loss
-        self._tokens += tokens
-
-    def grad_norm(self) -> float:
-        """The L2 norm of this job's accumulated gradients (inf or nan if any is)."""
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-    def _advance(self) -> None:
-        self.step += 1
-        if not self._batches and self.step < self.total_steps:
-            self.epoch += 1
-
-    def skip_step(self) -> None:
-        """Drop this optimizer step (a non-finite loss or gradient): nothing is applied.
-
-        The step's examples count as seen and the schedule moves on, so the job's data order
-        and learning rates stay where an applied step would have left them.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        self._pending = []
-        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": meant
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
-        self._advance()
-        self._step_started = time.monotonic()
-
-    def optimizer_step(self, grad_norm: float | None = None) -> dict:
-        """Clip, step and schedule; returns this step's metrics."""
-        if grad_norm is None:
-            grad_norm = self.grad_norm()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(
-                self.parameters, self.cfg.max_grad_norm,
-                torch.tensor(grad_norm, device=self.parameters[0].device))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._advance()
-        now = time.monotonic()
-        seconds = now - self._step_started
-        self._step_started = now
-        self._step_seconds = (seconds if self._step_seconds is None
-                              else 0.8 * self._step_seconds + 0.2 * seconds)
-        metrics = {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch_progress(),
-            "loss": self._loss_sum,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens": self._tokens,
-            "tokens_per_s": self._tokens / seconds if seconds > 0 else 0.0,
-            "eta_s": self._step_seconds * (self.total_steps - self.step),
-        }
-        self.history.append({"step": self.step, "loss": self._loss_sum})
-        self.last_metrics = metrics
-        return metrics
-
-    @property
-    def variant(self) -> str:
-        cfg = self.cfg
-        if cfg.routing_strategy:
-            return cfg.routing_strategy
-        name = "dora" if cfg.use_dora else "rslora" if cfg.use_rslora else "lora"
-        return name + ("+loraplus" if cfg.loraplus_lr_ratio != 1.0 else "")
-
-    def summary(self) -> dict:
-        """What a client shows of this job (protocol ``status``)."""
-        last = self.last_metrics
-        return {"name": self.name, "state": self.state, "reason": self.reason,
-                "step": self.step, "total_steps": self.total_steps,
-                "epoch": self.epoch_progress(), "variant": self.variant, "r": self.cfg.r,
-                "loss": last.get("loss"), "eval_loss": self.eval_loss, "lr": last.get("lr"),
-                "grad_norm": last.get("grad_norm"), "tokens_per_s": last.get("tokens_per_s"),
-                "eta_s": last.get("eta_s"), "adapter": asdict(self.cfg)}
-
-    # -- resume ---------------------------------------------------------------------------
-
-    def position(self) -> dict:
-        """Everything but tensors a resumed job needs to go on exactly where it was."""
-        return {"state": self.state, "reason": self.reason, "step": self.step,
-                "epoch": self.epoch, "batches": self._batches, "pending": self._pending,
-                "batch_targets": self._batch_targets, "loss_sum": self._loss_sum,
-                "tokens": self._tokens, "micro_batches_drawn": self.micro_batches_drawn,
-                "history": self.history, "last_metrics": self.last_metrics,
-                "eval_loss": self.eval_loss, "step_seconds": self._step_seconds}
-
-    def restore_position(self, saved: dict) -> None:
-        self.state, self.reason = saved["state"], saved["reason"]
-        self.step, self.epoch = saved["step"], saved["epoch"]
-        self._batches, self._pending = saved["batches"], saved["pending"]
-        self._batch_targets, self._loss_sum = saved["batch_targets"], saved["loss_sum"]
-        self._tokens = saved["tokens"]
-        self.micro_batches_drawn = saved["micro_batches_drawn"]
-        self.history, self.last_metrics = saved["history"], saved["last_metrics"]
-        self.eval_loss, self._step_seconds = saved["eval_loss"], saved["step_seconds"]
-
-    def epoch_progress(self) -> float:
-        per_epoch = self.data.steps_per_epoch
-        return round(self.step / per_epoch, 3) if per_epoch else 0.0
-
-
-def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, labels, attention_mask) of encoded examples, on the CPU."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention[row, :n] = 1
-    return ids, labels, attention
-
-
-class _StepClock:
-    """Wall time of a step's phases (synchronising the GPU at each boundary, if any).
-
-    A phase that runs several times in a step (a step of several passes) adds up.
-    """
-
-    def __init__(self, device: torch.device):
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, phase: str) -> None:
-        self._sync()
-        now = time.perf_counter()
-        self.laps[phase] = round(self.laps.get(phase, 0.0) + now - self._last, 6)
-        self._last = now
-
-
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-# A forward pass costs about as much as this many more tokens would (launches, Python,
-# smaller matrix products): a step splits into passes only where that saves more padding.
-# On a CPU a pass is nearly free beside its arithmetic (measured on SmolLM2-135M, fp32, 4
-# jobs: 16 gave 1.06-1.12x the tokens/s of one pass, 256 no gain; one pass per row was
-# 0.7x); on a GPU small passes are launch-bound (H200, TinyLlama-1.1B: about 0.15 s a
-# pass, some 700 tokens' worth).
-PASS_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 1024}
-DEFAULT_PASS_OVERHEAD = 256
-
-
-def plan_passes(widths: list[tuple[int, int]], max_tokens: int = 0,
-                overhead: int = DEFAULT_PASS_OVERHEAD) -> list[list[int]]:
-    """Group micro-batches into forward passes with little padding.
-
-    ``widths[i]`` is micro-batch i's (rows, padded length). A pass holds micro-batches of
-    similar lengths (contiguous in length order) and costs rows x its longest length plus
-    ``overhead``; the plan with the least total cost wins, keeping each pass within
-    ``max_tokens`` where a single micro-batch allows. Returns index groups, each in the
-    order given, groups ordered by their first index.
-    """
-    order = sorted(range(len(widths)), key=lambda i: (widths[i][1], i))
-    n = len(order)
-    best = [0.0] + [math.inf] * n        # best[k]: least cost of the first k in length order
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        rows = 0
-        for start in range(end - 1, -1, -1):
-            rows += widths[order[start]][0]
-            tokens = rows * widths[order[end - 1]][1]
-            if max_tokens and tokens > max_tokens and end - start > 1:
-                break
-            cost = best[start] + tokens + overhead
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups, end = [], n
-    while end > 0:
-        groups.append(sorted(order[cut[end]:end]))
-        end = cut[end]
-    return sorted(groups)
-
-
-def _count_targets(labels: list[int]) -> int:
-    # Position 0 is never predicted: the loss uses labels shifted by one.
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 class Engine:
@@ -372,7 +77,7 @@ class Engine:
         checkpoint = ckpt.latest_checkpoint(self.output_dir) if resume else None
         manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
         if manifest is not None:
-            self._check_resumable(checkpoint, manifest)
+            check_resumable(checkpoint, manifest, config)
         self.device = select_device()
         # see plan_passes; tests set it to force one pass
         self.pass_overhead = PASS_OVERHEAD_TOKENS.get(self.device.type, DEFAULT_PASS_OVERHEAD)
@@ -382,8 +87,12 @@ class Engine:
         if config.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.layout = BatchLayout()
+        self.passes = PassRunner(self.model, self.decoder, self.lm_head, self.softcap,
+                                 self.layout, self.device, self.tokenizer.pad_token_id)
         self.packing = self._packing_choice()
         self.model_info["packing"] = self.packing
+        self.admission = Admission(config, self.model, self.model_info, self.device,
+                                   self.packing)
         self.jobs: dict[str, Job] = {}
         self.emit("run_start", config=config.source, output_dir=str(self.output_dir),
                   **self.model_info)
@@ -506,71 +215,27 @@ class Engine:
         self._stop_requested = True
 
     def _schedule(self) -> list[Job]:
-        """Running jobs for the next step; queued jobs start while slots are free."""
+        """Running jobs for the next step; queued jobs start while slots and memory allow
+        (engine/train/admission.py)."""
         limit = self.config.train.train_lora_simultaneously_num
         for job in list(self.jobs.values()):
             if job.state in (QUEUED, RUNNING) and job.step >= job.total_steps:
                 self._finish(job)          # trained, but its adapter is not saved yet
         running = [j for j in self.jobs.values() if j.state == RUNNING]
-        for job in self.jobs.values():
-            if len(running) >= limit:
-                break
-            if job.state == QUEUED:
-                waiting = self._memory_wait(running, job)
-                if waiting is not None:
-                    if job.reason != waiting:
-                        self._set_state(job, QUEUED, waiting)
-                    continue
-                self._set_state(job, RUNNING)
-                job.started()
-                running.append(job)
+        for job, waiting in self.admission.admit(self.jobs.values(), running):
+            if waiting is not None:
+                if job.reason != waiting:
+                    self._set_state(job, QUEUED, waiting)
+                continue
+            self._set_state(job, RUNNING)
+            job.started()
+            running.append(job)
         return running[:limit]
-
-    # -- admission control ------------------------------------------------------------------
-
-    def memory_budget(self) -> int | None:
-        """Bytes a step may take: ``memory_limit_gb``, else 90% of the GPU; None: no limit."""
-        if self.config.train.memory_limit_gb > 0:
-            return int(self.config.train.memory_limit_gb * 2**30)
-        if self.device.type == "cuda":
-            return int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
-        return None
 
     def estimate_peak_bytes(self, jobs: list[Job]) -> int | None:
         """The estimated peak memory of a step of ``jobs`` (engine/core/memory.py); None if the
         model's shape is beyond the estimator."""
-        from engine.core.memory import JobLoad, estimate_peak_bytes
-        loads = [JobLoad(rows=j.cfg.micro_batch_size,
-                         seq_len=max((len(e.input_ids) for e in j.data.train), default=1),
-                         r=j.cfg.r, target_modules=j.targets, lora_dropout=j.cfg.lora_dropout,
-                         optimizer="adamw" if j.cfg.optim == "adamw"
-                         else "sgd" if j.cfg.momentum else "sgd0")
-                 for j in jobs]
-        try:
-            return estimate_peak_bytes(
-                self.model.config, loads, dtype=self.config.model.dtype,
-                device=self.device.type,
-                gradient_checkpointing=self.config.train.gradient_checkpointing,
-                attn_impl="eager" if self.model_info.get("attn_impl") == "eager" else "sdpa",
-                packed=self.packing)
-        except (TypeError, ValueError, KeyError, AttributeError):
-            return None
-
-    def _memory_wait(self, running: list[Job], job: Job) -> str | None:
-        """Why ``job`` must wait for memory, or None when it may start now.
-
-        A job starts when no job runs, whatever the estimate: then only running out of
-        memory for real (which pauses it) can tell.
-        """
-        budget = self.memory_budget()
-        if budget is None or not running:
-            return None
-        need = self.estimate_peak_bytes(running + [job])
-        if need is None or need <= budget:
-            return None
-        return (f"waiting for memory: a step with it and the {len(running)} running job(s) "
-                f"needs about {need / 2**30:.2f} GiB, the limit is {budget / 2**30:.2f} GiB; "
-                "it starts when a running job ends")
+        return self.admission.estimate_peak_bytes(jobs)
 
     # -- control: called between steps, by the thread that runs the engine ------------------
 
@@ -672,41 +337,81 @@ class Engine:
         loss or gradient pauses its job with the step not applied; a pass that runs out of
         memory is retried one job at a time, and a job that does not fit alone pauses.
         """
-        clock = _StepClock(self.device)
+        clock = StepClock(self.device)
+        micro = self._draw(jobs)
+        clock.lap("data")
+        losses, totals = self._run_passes(self._plan(micro), clock)
+        self.engine_step += 1
+        stepped = self._optimizer_steps(micro, losses)
+        clock.lap("optimizer")
+        save = self._after_steps(stepped)
+        clock.lap("events")        # step events, and evaluating and saving finished jobs
+        if save:
+            self.save_checkpoint()
+            clock.lap("checkpoint")
+        self.emit("batch", jobs=[job.name for job in jobs], rows=totals.rows,
+                  tokens=totals.tokens, padding=totals.padding, passes=totals.passes,
+                  packed=totals.packed, seconds=clock.laps)
+
+    def _draw(self, jobs: list[Job]) -> list[MicroBatch]:
+        """The next micro-batch of each job; a job whose examples cannot be read fails."""
         micro = []
         for job in jobs:
             try:
                 indices = job.next_micro_batch()
-                micro.append((job, indices, [job.data.train[i] for i in indices]))
+                micro.append(MicroBatch(job, indices, [job.data.train[i] for i in indices]))
             except Exception as exc:  # noqa: BLE001 - whatever it is, it is this job's alone
                 self._fail(job, f"cannot read its next examples: {exc}")
-        clock.lap("data")
-        groups = self._plan(micro)
+        return micro
+
+    def _plan(self, micro: list[MicroBatch]) -> list[Pass]:
+        """The step's passes (engine/train/planning.py); after an out-of-memory error, one
+        pass per job."""
+        if self._split_passes:
+            return [Pass(self.packing, [item]) for item in micro]
+        return plan_step(micro, self.packing, self.config.train.max_tokens_per_step,
+                         self.pass_overhead)
+
+    def _run_passes(self, passes: list[Pass],
+                    clock: StepClock) -> tuple[dict[str, float], StepTotals]:
+        """Every pass forward and backward: each job's micro-batch loss, by job name, and
+        the passes' sizes. A pass out of memory is retried one job at a time."""
         losses: dict[str, float] = {}
-        totals = {"rows": 0, "tokens": 0, "cells": 0, "passes": 0, "packed": 0}
-        while groups:
-            packed, group = groups.pop(0)
+        totals = StepTotals()
+        while passes:
+            pass_ = passes.pop(0)
             try:
-                losses.update(self._forward_backward(packed, group, clock, totals))
+                result = self.passes.forward_backward(pass_, clock)
             except torch.OutOfMemoryError:
                 discard_router_batch(self.model)   # MixLoRA: the pass's partial statistics
                 self._free_memory()
-                if len(group) > 1:
-                    self._split_passes = True
-                    self.log(f"step {self.engine_step + 1}: out of memory with "
-                             f"{len(group)} jobs in one pass; running one pass per job "
-                             "(lower max_tokens_per_step to choose the size)", level="warning")
-                    groups = [(packed, [item]) for item in group] + groups
-                    continue
-                job, indices, _examples = group[0]
-                job.unread(indices)
-                self._set_state(job, PAUSED, "out of memory: its micro-batch does not fit "
-                                "even alone; lower micro_batch_size or cutoff_len, then "
-                                "resume it")
-        self.engine_step += 1
+                passes = self._out_of_memory(pass_) + passes
+                continue
+            losses.update(result.losses)
+            totals.add(result, pass_.packed)
+        return losses, totals
 
-        stepped, metrics = [], {}
-        for job, _indices, _examples in micro:
+    def _out_of_memory(self, pass_: Pass) -> list[Pass]:
+        """The passes that retry a pass that ran out of memory: one per job, from now on;
+        none for a single job, which goes back unread and pauses."""
+        if len(pass_.items) > 1:
+            self._split_passes = True
+            self.log(f"step {self.engine_step + 1}: out of memory with "
+                     f"{len(pass_.items)} jobs in one pass; running one pass per job "
+                     "(lower max_tokens_per_step to choose the size)", level="warning")
+            return [Pass(pass_.packed, [item]) for item in pass_.items]
+        item = pass_.items[0]
+        item.job.unread(item.indices)
+        self._set_state(item.job, PAUSED, "out of memory: its micro-batch does not fit "
+                        "even alone; lower micro_batch_size or cutoff_len, then resume it")
+        return []
+
+    def _optimizer_steps(self, micro: list[MicroBatch],
+                         losses: dict[str, float]) -> list[tuple[Job, dict]]:
+        """Each job whose accumulation is complete steps its optimizer; a non-finite loss
+        or gradient skips the step and pauses the job. Returns (job, its step's metrics)."""
+        stepped = []
+        for job in (item.job for item in micro):
             if job.name not in losses:
                 continue
             loss = losses[job.name]
@@ -719,12 +424,15 @@ class Engine:
             if not math.isfinite(norm):
                 self._skip(job, f"non-finite gradient (norm {norm}) at step {job.step + 1}")
                 continue
-            metrics[job.name] = job.optimizer_step(norm)
-            stepped.append(job)
-        clock.lap("optimizer")
+            stepped.append((job, job.optimizer_step(norm)))
+        return stepped
+
+    def _after_steps(self, stepped: list[tuple[Job, dict]]) -> bool:
+        """The step events; jobs at their last step evaluate and save. Returns whether a
+        job reached ``save_step``, so that a checkpoint is due."""
         save = False
-        for job in stepped:
-            self.emit("step", job=job.name, **metrics[job.name])
+        for job, metrics in stepped:
+            self.emit("step", job=job.name, **metrics)
             router_stats = take_router_stats(self.model, job.name)  # MixLoRA: tokens per expert
             if router_stats is not None:
                 self.emit("router", job=job.name, step=job.step, **router_stats)
@@ -732,111 +440,7 @@ class Engine:
                 self._finish(job)
             elif job.step % self.config.train.save_step == 0:
                 save = True
-        clock.lap("events")        # step events, and evaluating and saving finished jobs
-        if save:
-            self.save_checkpoint()
-            clock.lap("checkpoint")
-        cells = max(1, totals["cells"])
-        self.emit("batch", jobs=[job.name for job in jobs], rows=totals["rows"],
-                  tokens=totals["tokens"], padding=round(1 - totals["tokens"] / cells, 4),
-                  passes=totals["passes"], packed=totals["packed"], seconds=clock.laps)
-
-    def _plan(self, micro: list) -> list[tuple[bool, list]]:
-        """The step's passes: (packed, micro-batches). With packing, every micro-batch in
-        one packed pass, or in as many as ``max_tokens_per_step`` asks; without, padded
-        passes of similar lengths (``plan_passes``). After an out-of-memory error, one
-        pass per job."""
-        if self._split_passes:
-            return [(self.packing, [item]) for item in micro]
-        budget = self.config.train.max_tokens_per_step
-        if not self.packing:
-            widths = [(len(examples), max(len(e.input_ids) for e in examples))
-                      for _job, _indices, examples in micro]
-            return [(False, [micro[i] for i in group])
-                    for group in plan_passes(widths, budget, self.pass_overhead)]
-        passes: list[tuple[bool, list]] = []
-        current, tokens = [], 0
-        for item in micro:
-            size = sum(len(e.input_ids) for e in item[2])
-            if current and budget and tokens + size > budget:
-                passes.append((True, current))
-                current, tokens = [], 0
-            current.append(item)
-            tokens += size
-        if current:
-            passes.append((True, current))
-        return passes
-
-    def _forward_backward(self, packed: bool, group: list, clock: _StepClock,
-                          totals: dict) -> dict:
-        """Forward and backward of one pass; each job's micro-batch loss, by job name.
-
-        Gradients are computed first and added to the jobs' accumulated ones only when the
-        whole pass succeeded, so a pass that fails (out of memory) leaves no trace.
-        """
-        examples = [example for _job, _indices, chunk in group for example in chunk]
-        segments, start = [], 0
-        for job, _indices, chunk in group:
-            if packed:   # token ranges of the packed row; masks drawn per real token
-                lengths = torch.tensor([len(e.input_ids) for e in chunk])
-                size = int(lengths.sum())
-                segments.append(Segment(
-                    job.name, start, start + size, None, job.dropout_seed(),
-                    token_rows=torch.arange(len(chunk)).repeat_interleave(lengths)
-                    if is_mixlora(job.cfg) else None))
-                start += size
-            else:
-                own_width = max(len(e.input_ids) for e in chunk)
-                segments.append(Segment(job.name, start, start + len(chunk), own_width,
-                                        job.dropout_seed()))
-                start += len(chunk)
-        inputs, labels, real, context = self._batch(examples, packed)
-        # MixLoRA hook: token masks on its segments; record router losses in this forward.
-        # First of anything on the device: a pass that fails after it (out of memory) is
-        # the one whose router statistics are discarded.
-        prepare_router_batch(self.model, segments, real, self.device)
-        for seg in segments:
-            if seg.token_rows is not None:
-                seg.token_rows = seg.token_rows.to(self.device)
-        inputs = self._on_device(inputs)
-        self.layout.set_segments(segments, packed=packed)
-        with context:   # packed attention for the forward and the backward's recomputation
-            hidden = self.decoder(**inputs, use_cache=False).last_hidden_state
-            router = router_losses(self.model)  # MixLoRA: {job: its router loss}
-            job_losses, total = [], None
-            for (job, _indices, _chunk), seg in zip(group, segments):
-                own = slice(seg.start, seg.end)
-                own = (slice(None), own) if packed else own   # positions, or rows
-                loss_sum, _count = self._token_loss_sum(hidden[own], labels[own])
-                job_loss = loss_sum / job.loss_normalizer()
-                job_losses.append(job_loss)
-                total = job_loss if total is None else total + job_loss
-                if job.name in router:
-                    # MixLoRA: the router loss weighs like each target token's loss, so it
-                    # is normalised as the LM loss is (docs/mixlora.md); the reported loss
-                    # is LM only.
-                    total = total + router[job.name] * _count / job.loss_normalizer()
-            clock.lap("forward")
-            params = [p for job, _indices, _chunk in group for p in job.parameters]
-            grads = (torch.autograd.grad(total, params, allow_unused=True)
-                     if total is not None and total.requires_grad else [None] * len(params))
-        for param, grad in zip(params, grads):
-            if grad is not None:
-                param.grad = grad if param.grad is None else param.grad.add_(grad)
-        clock.lap("backward")
-        losses = {}
-        # One device-to-host copy for the pass's losses (one wait, not one per job).
-        values = torch.stack([loss.detach().float() for loss in job_losses]).tolist()
-        for (job, _indices, chunk), value in zip(group, values):
-            if math.isfinite(value):
-                job.record_micro_batch(value, sum(len(e.input_ids) for e in chunk))
-            losses[job.name] = value
-        totals["rows"] += len(examples)
-        totals["tokens"] += int(real.sum())
-        totals["cells"] += real.numel()
-        totals["passes"] += 1
-        totals["packed"] += int(packed)
-        return losses
+        return save
 
     def _skip(self, job: Job, what: str) -> None:
         job.skip_step()
@@ -847,63 +451,9 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return collate(examples, self.tokenizer.pad_token_id)
-
-    def _batch(self, examples: list, packed: bool):
-        """(the decoder's inputs, labels, real-token mask, the context to run it in) of
-        ``examples``, on the CPU: one packed row (attention per example inside the
-        context), or right-padded rows."""
-        if packed:
-            row = pack(examples)
-            inputs = {"input_ids": row.input_ids, "position_ids": row.position_ids,
-                      "attention_mask": None}
-            return (inputs, row.labels, row.input_ids.new_ones(row.input_ids.shape),
-                    packed_pass(self.model, row.bounds))
-        input_ids, labels, real = self._collate(examples)
-        return ({"input_ids": input_ids, "attention_mask": real}, labels, real,
-                contextlib.nullcontext())
-
-    def _on_device(self, inputs: dict) -> dict:
-        return {k: v.to(self.device) if v is not None else None for k, v in inputs.items()}
-
-    def _token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor):
-        """Summed cross-entropy over the target tokens of these rows, and their count.
-
-        Only target positions go through the LM head, a chunk of tokens at a time, so
-        full-vocabulary logits never exist for prompts, padding or other jobs' rows, nor for
-        more than a chunk of tokens at once (engine/train/loss.py). ``labels`` stay on the CPU:
-        the target positions are found there, so the device never waits for the host.
-        """
-        shifted = labels[:, 1:]
-        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-        # Position (row, col) predicts label (row, col + 1): its index in the flat rows.
-        where = rows * hidden.shape[1] + cols
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(
-            0, where.to(hidden.device, non_blocking=True))
-        targets = shifted[rows, cols].to(hidden.device, non_blocking=True)
-        return (chunked_head_loss(selected, self.lm_head, targets, self.softcap),
-                int(where.numel()))
-
-    @torch.no_grad()
     def evaluate(self, job: Job) -> float | None:
         """Mean loss per target token on the job's validation rows (no dropout)."""
-        if not job.data.val:
-            return None
-        self.layout.set_single(job.name)
-        total, count = 0.0, 0
-        size = job.cfg.micro_batch_size
-        for start in range(0, len(job.data.val), size):
-            # Laid out as the jobs train (packed or padded).
-            inputs, labels, _real, context = self._batch(job.data.val[start:start + size],
-                                                         self.packing)
-            with context:
-                hidden = self.decoder(**self._on_device(inputs),
-                                      use_cache=False).last_hidden_state
-            loss_sum, n = self._token_loss_sum(hidden, labels)
-            total += float(loss_sum)
-            count += n
-        return total / count if count else None
+        return self.passes.evaluate(job, self.packing)
 
     # -- saving -------------------------------------------------------------------------
 
@@ -930,31 +480,8 @@ class Engine:
         goes on. The oldest checkpoints beyond ``save_total_limit`` are removed.
         """
         path = ckpt.checkpoints_dir(self.output_dir) / f"step-{self.engine_step}"
-        files: dict = {}
-        jobs = []
-        for job in self.jobs.values():
-            jobs.append({"name": job.name, "adapter": asdict(job.cfg),
-                         "from_config": job.from_config, "data_sha256": job.data_fingerprint,
-                         "position": job.position()})
-            if job.state == CANCELLED:
-                continue           # its adapter left the model
-            for name, content in self._adapter_files(job).items():
-                files[f"{job.name}/{name}"] = content
-            files[f"{job.name}/optimizer.pt"] = _torch_bytes(job.optimizer.state_dict())
-            files[f"{job.name}/scheduler.pt"] = _torch_bytes(job.scheduler.state_dict())
-            files[f"{job.name}/grads.safetensors"] = {
-                str(i): p.grad.detach().cpu().contiguous()
-                for i, p in enumerate(job.parameters) if p.grad is not None}
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        files["rng.pt"] = _torch_bytes(rng)
-        manifest = {"format": ckpt.FORMAT, "engine_step": self.engine_step,
-                    "model": asdict(self.config.model),
-                    "train": self._resume_train_settings(),
-                    "packed": self.packing,   # the layout decides the dropout masks
-                    "jobs": jobs}
-        files[ckpt.ENGINE_FILE] = (json.dumps(manifest, indent=1) + "\n").encode()
+        files = checkpoint_files(self.engine_step, self.config, self.packing,
+                                 self.jobs.values(), self._adapter_files, self.device)
         try:
             write_folder_atomically(path, files)
         except OSError as exc:
@@ -970,86 +497,25 @@ class Engine:
         ckpt.prune(self.output_dir, self.config.train.save_total_limit)
         return path
 
-    def _resume_train_settings(self) -> dict:
-        """The [train] settings a checkpoint records and a resume must keep."""
-        return {k: getattr(self.config.train, k) for k in ckpt.RESUME_TRAIN_FIELDS}
-
-    def _check_resumable(self, path: Path, manifest: dict) -> None:
-        """Refuse a resume whose config changed what the checkpoint's jobs compute."""
-        problems = []
-        changes = ckpt.config_changes(manifest["model"], asdict(self.config.model))
-        if changes:
-            problems.append("[model] " + "; ".join(changes))
-        changes = ckpt.config_changes(manifest["train"], self._resume_train_settings())
-        if changes:
-            problems.append("[train] " + "; ".join(changes))
-        saved_jobs = {saved["name"]: saved for saved in manifest["jobs"]}
-        for cfg in self.config.adapters:
-            if cfg.name in saved_jobs:
-                changes = ckpt.config_changes(saved_jobs[cfg.name]["adapter"], asdict(cfg),
-                                              ckpt.RESUME_FREE_FIELDS)
-                if changes:
-                    problems.append(f'[[adapter]] "{cfg.name}": ' + "; ".join(changes))
-        names = {cfg.name for cfg in self.config.adapters}
-        for name, saved in saved_jobs.items():
-            if saved["from_config"] and name not in names:
-                problems.append(f'[[adapter]] "{name}" is in the checkpoint but no longer in '
-                                "the config")
-        if problems:
-            raise UserError(f"cannot resume from {path}: the config changed since it was "
-                            "written (settings: checkpoint -> now):\n  "
-                            + "\n  ".join(problems)
-                            + "\nPut those settings back to resume, or start a new run in "
-                              "another output_dir.")
-
     def _restore(self, path: Path, manifest: dict) -> None:
-        """Every job of the checkpoint, exactly where it was."""
-        packed = manifest.get("packed")
-        if packed is not None and packed != self.packing:
-            # Packed and padded passes draw different dropout masks: the run would go on
-            # with other masks than it started with. ("auto" packs on a CPU only.)
-            raise ConfigError(
-                f"cannot resume from {path}: it trained with sequence packing "
-                f"{'on' if packed else 'off'}, and this run would train with it "
-                f"{'on' if self.packing else 'off'}; set packing = "
-                f"\"{'on' if packed else 'off'}\" to resume", table="train", field="packing")
+        """Every job of the checkpoint, exactly where it was (engine/train/resume.py)."""
+        check_layout(path, manifest, self.packing)
         configs = {cfg.name: cfg for cfg in self.config.adapters}
         for saved in manifest["jobs"]:
             cfg = configs.get(saved["name"]) or AdapterConfig(**saved["adapter"])
             job = self.add_job(cfg, from_config=saved["from_config"], restoring=True)
-            if job.data_fingerprint != saved["data_sha256"]:
-                raise UserError(f"cannot resume from {path}: the training data of adapter "
-                                f"{job.name!r} ({cfg.data}) changed since that checkpoint")
+            check_data(path, job, saved)
             position = saved["position"]
             if position["state"] == CANCELLED:
                 detach_adapter(self.model, job.name)
             else:
-                self._load_job(job, path / job.name)
+                load_job_state(self.model, job, path / job.name, self.device)
             job.restore_position(position)
             self._set_state(job, job.state, job.reason)
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(path, self.device)
         self.engine_step = manifest["engine_step"]
         self.emit("resumed", path=str(path), engine_step=self.engine_step,
                   jobs={job.name: job.step for job in self.jobs.values()})
-
-    def _load_job(self, job: Job, folder: Path) -> None:
-        _config, state, _meta = read_adapter_folder(folder)
-        load_adapter_state(self.model, job.name, state, source=str(folder))
-        try:
-            job.optimizer.load_state_dict(torch.load(folder / "optimizer.pt",
-                                                     map_location=self.device,
-                                                     weights_only=True))
-            job.scheduler.load_state_dict(torch.load(folder / "scheduler.pt",
-                                                     weights_only=True))
-            grads = load_file(str(folder / "grads.safetensors"))
-        except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds
-            raise UserError(f"{folder}: cannot read this job's checkpoint ({exc})") from None
-        for i, param in enumerate(job.parameters):
-            grad = grads.get(str(i))
-            param.grad = grad.to(param.device) if grad is not None else None
 
     def _finish(self, job: Job) -> None:
         try:
