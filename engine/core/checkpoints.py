@@ -2,7 +2,8 @@
 
 ```
 <output_dir>/checkpoints/step-<K>/       K: batched steps the engine had taken
-    engine.json                          format, K, the model and train settings, each job's
+    engine.json                          format, K, the model and train settings, the
+                                         layout (packed), the schedules' source, each job's
                                          config, data fingerprint, state and data position
     rng.pt                               torch's random number generator states
     <job>/adapter_config.json            PEFT format: the folder loads as an adapter
@@ -16,6 +17,9 @@ One checkpoint holds every job at the same step, so a resumed engine batches the
 together as the run it continues and takes the same steps bit for bit. The folder is
 written beside its final name, fsynced and renamed: a crash at any instant leaves the
 previous checkpoint whole, and a reader only ever sees complete ``step-K`` folders.
+
+This module (no torch) names, lists and prunes the folders; engine/train/resume.py writes
+their contents and checks a resume against them.
 """
 
 from __future__ import annotations
