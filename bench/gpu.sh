@@ -12,7 +12,7 @@
 # the budget plus a machine's start (a minute or two), lower it: GPU_SH_BUDGET=240.
 #
 # Parts (GPU): 1. nvidia-smi, torch / transformers / peft versions; 2. tests/test_cuda.py
-# (PYTHONPATH=., the project is not installed there); 3. TinyLlama-1.1B's shape, bf16,
+# (python -m from the repo root: the project is not installed there); 3. TinyLlama-1.1B's shape, bf16,
 # N = 1, 4, 8 adapters (8 only if time is left), variants A (packed), P (padded rows), B,
 # C; 4. the tiny and
 # SmolLM2-135M shapes, bf16, N = 1, 8, variants A and B.
@@ -40,7 +40,6 @@ if [ "$SMOKE" = 1 ]; then BUDGET="${GPU_SH_BUDGET:-170}"; fi
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -111,7 +110,7 @@ rm -f "$OUT/.tests.txt"
   echo
   echo "## CUDA tests"
   echo
-  echo "\`PYTHONPATH=. python -m pytest tests/test_cuda.py\` (limit $T s, exit $TEST_RC): ${SUMMARY:-no summary line}"
+  echo "\`python -m pytest tests/test_cuda.py\` (limit $T s, exit $TEST_RC): ${SUMMARY:-no summary line}"
   [ -n "$FAILED" ] && { echo; echo '```'; echo "$FAILED"; echo '```'; }
 } >>"$RESULTS"
 
@@ -126,7 +125,7 @@ bench() {
     return
   fi
   rm -f "$OUT/bench-$part.md" "$OUT/bench-$part.json"
-  timeout -k 10 "$T" "$PY" bench/bench.py --device "$DEVICE" --deadline $(( T - 15 )) \
+  timeout -k 10 "$T" "$PY" -m bench.bench --device "$DEVICE" --deadline $(( T - 15 )) \
     --worker-timeout $(( T - 20 )) --model-cache "$CACHE" \
     --out "$OUT/bench-$part.md" --json "$OUT/bench-$part.json" --quiet "$@"
   local rc=$?
@@ -134,7 +133,7 @@ bench() {
     echo
     echo "## Benchmark: $part"
     echo
-    echo "\`python bench/bench.py --device $DEVICE $*\` (limit $T s, exit $rc)"
+    echo "\`python -m bench.bench --device $DEVICE $*\` (limit $T s, exit $rc)"
     echo
     if [ -f "$OUT/bench-$part.md" ]; then sed -e 's/^# /### /' -e 's/^## /### /' "$OUT/bench-$part.md"
     else echo "No report written."; fi

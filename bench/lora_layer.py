@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The batched multi-adapter layer: this engine's ``MultiLoraLinear`` against the previous
 version of it and against PEFT's single-adapter LoRA layer. A measurement script, not a test.
 
@@ -12,7 +11,8 @@ model, and w.r.t. every adapter) of:
         kept below verbatim as ``old_forward`` on the same module and weights;
   new   ``engine.train.lora.MultiLoraLinear`` as it is now;
   peft  PEFT's ``lora.Linear`` with one adapter over the same 1024 rows (what one job alone
-        costs in PEFT: the bound for a batched layer is this, not 4 times it);
+        costs in PEFT: the bound for a batched layer is this, not 4 times it), configured
+        by ``bench.baseline.lora_config``;
   base  the frozen base linear alone (what no adapter at all costs).
 
 Each configuration first checks the new layer against its own math one segment at a time
@@ -23,24 +23,22 @@ and the median of the paired ratios new/old, new/peft, and the adapters' own sha
 minus base) new/old. ``--masks`` also times one job's dropout mask, old against new.
 ``--profile`` also prints torch.profiler op counts and self times of old and new.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lora_layer.py            # CPU
-    .venv/bin/python bench/lora_layer.py --device cuda --rounds 200   # GPU
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.lora_layer            # CPU
+    .venv/bin/python -m bench.lora_layer --device cuda --rounds 200   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, mix_seed  # noqa: E402
+from engine.core.config import AdapterConfig
+from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, mix_seed
 
 
 # -- the previous layer, verbatim (plain LoRA part) ------------------------------------------
@@ -109,6 +107,8 @@ def build(in_f, out_f, jobs, rows_per_job, r, dropout, dtype, device, tokens=128
 def build_peft(layer: MultiLoraLinear, r, dropout):
     import peft
 
+    from bench.baseline import lora_config
+
     class Wrap(nn.Module):
         def __init__(self, lin):
             super().__init__()
@@ -120,8 +120,9 @@ def build_peft(layer: MultiLoraLinear, r, dropout):
     base = nn.Linear(layer.in_features, layer.out_features, bias=False)
     base = base.to(device=layer.base.weight.device, dtype=layer.base.weight.dtype)
     base.weight.data.copy_(layer.base.weight.data)
-    config = peft.LoraConfig(r=r, lora_alpha=2.0 * r, lora_dropout=dropout,
-                             target_modules=["lin"])
+    adapter = AdapterConfig(name="job", data="", r=r, lora_alpha=2.0 * r, lora_dropout=dropout)
+    # A bare module, not a causal LM: no task type, so PEFT wraps it as it is.
+    config = dataclasses.replace(lora_config(adapter, ["lin"]), task_type=None)
     model = peft.get_peft_model(Wrap(base), config).train()
     return model
 
@@ -257,7 +258,7 @@ def profile(layer, x, label):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lora_layer", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)

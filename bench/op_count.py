@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Operators dispatched by one training step: this engine against PEFT. A measurement
 script, not a test.
 
@@ -22,7 +21,7 @@ metadata-only operators left out, and the optimizer's left out (device-dependent
 AdamW is a few multi-tensor kernels on a GPU, a loop over the tensors on a CPU).
 Dividing a GPU run's measured step time by the count gives the host's time per operator.
 
-    .venv/bin/python bench/op_count.py --n 1,4
+    .venv/bin/python -m bench.op_count --n 1,4
 """
 
 from __future__ import annotations
@@ -30,21 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from engine.train.engine import Engine, collate  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from bench.baseline import PeftBaseline
+from bench.fixtures import build_tiny_model
+from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+from engine.train.engine import Engine
+from engine.train.models import load_base_model
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, head_dim=2, intermediate_size=176,
@@ -111,14 +106,10 @@ def _adapters(files: list[str], rows: int) -> list[AdapterConfig]:
 
 def count_engine(model_dir: Path, files: list[str], rows: int, packing: str,
                  out: Path, pass_overhead: int) -> tuple[int, Counter, int]:
-    train = dict(output_dir=str(out), cutoff_len=256, save_step=10**9,
-                 train_lora_simultaneously_num=64)
-    if "packing" in TrainConfig.__dataclass_fields__:    # older commits have no packing
-        train["packing"] = packing
-    elif packing == "on":
-        raise SystemExit("this commit has no sequence packing")
     config = RunConfig(model=ModelConfig(base_model=str(model_dir), attn_impl="sdpa"),
-                       train=TrainConfig(**train), adapters=_adapters(files, rows))
+                       train=TrainConfig(output_dir=str(out), cutoff_len=256, save_step=10**9,
+                                         train_lora_simultaneously_num=64, packing=packing),
+                       adapters=_adapters(files, rows))
     passes = []
     engine = Engine(config, write_metrics=False,
                     on_event=lambda e: passes.append(e["passes"]) if e["type"] == "batch"
@@ -138,39 +129,20 @@ def count_engine(model_dir: Path, files: list[str], rows: int, packing: str,
 
 
 def count_peft(model_dir: Path, files: list[str], rows: int, out: Path) -> tuple[int, Counter]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    config = RunConfig(model=ModelConfig(base_model=str(model_dir)),
+    config = RunConfig(model=ModelConfig(base_model=str(model_dir), attn_impl="sdpa"),
                        train=TrainConfig(output_dir=str(out), cutoff_len=256),
                        adapters=_adapters(files, rows))
     engine = Engine(config, write_metrics=False)   # for its tokenised data only
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    names = [a.name for a in config.adapters]
-    lora = [LoraConfig(r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                       target_modules=list(a.target_modules), task_type="CAUSAL_LM")
-            for a in config.adapters]
-    peft_model = get_peft_model(model, lora[0], adapter_name=names[0])
-    for name, cfg in zip(names[1:], lora[1:]):
-        peft_model.add_adapter(name, cfg)
-    peft_model.train()
-    optimizers = {}
-    for name in names:
-        params = [p for n, p in peft_model.named_parameters() if f".{name}." in n]
-        optimizers[name] = torch.optim.AdamW(params, lr=1e-4)
-    pad = engine.tokenizer.pad_token_id
-
+    model, tokenizer, _info = load_base_model(config.model, engine.device)
+    data = {name: job.data for name, job in engine.jobs.items()}
+    baseline = PeftBaseline(model, config.adapters, data, tokenizer.pad_token_id,
+                            engine.device, config.train.seed)
     counter = Count()
 
     def step():
-        for name in names:
-            examples = engine.jobs[name].data.train[:rows]
-            ids, labels, attention = collate(examples, pad)
-            peft_model.base_model.set_adapter(name)
-            loss = peft_model(input_ids=ids, attention_mask=attention, labels=labels).loss
-            loss.backward()
-            _uncounted(counter, optimizers[name].step)()
-            _uncounted(counter, optimizers[name].zero_grad)()
+        for name in data:
+            baseline.loss(baseline.batch(name, list(range(rows)))).backward()
+            _uncounted(counter, baseline.optimizer_step)(name)
     step()
     with counter:
         step()
@@ -178,7 +150,7 @@ def count_peft(model_dir: Path, files: list[str], rows: int, out: Path) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.op_count", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="1,4", help="numbers of adapters")
     parser.add_argument("--rows", type=int, default=4, help="rows per adapter and step")
     parser.add_argument("--length", type=int, default=160, help="mean tokens per row")
