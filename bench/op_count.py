@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="most frequent operators listed")
     parser.add_argument("--pass-overhead", type=int, default=1024,
                         help="the engine's pass cost for padded rows (1024: CUDA's, as in "
-                             "engine.train.engine.PASS_OVERHEAD_TOKENS; 16: a CPU's)")
+                             "engine.train.planning.PASS_OVERHEAD_TOKENS; 16: a CPU's)")
     parser.add_argument("--variants", default="A,P,B", help="subset of A,P,B")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlora-opcount-"))

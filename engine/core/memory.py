@@ -32,7 +32,7 @@ What is counted (bytes; ``b`` = bytes per base-weight element, 2 for bf16/fp16, 
   only real tokens, with no mask and k, v not repeated.
   The engine pads the rows of a pass to the pass's longest row: ``P = rows x width``
   over the pass's jobs (``passes``: the engine may split a step into several passes,
-  ``engine.train.engine.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
+  ``engine.train.planning.plan_passes``; the largest pass counts). PEFT runs one adapter at a time
   on its own rows and width (the largest counts). With gradient checkpointing only each
   block's input is kept (``b x h`` per position per layer), plus one recomputed block.
 * **backward working set**: one more layer's activations (the gradients and temporaries

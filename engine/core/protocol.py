@@ -20,8 +20,9 @@ Events are the engine's own event dicts (docs/architecture.md lists them). The e
 process adds ``resource`` events every ~2 s: {rss_bytes, cpu_percent, device,
 device_memory_bytes, device_memory_total_bytes, device_utilization} (fields it cannot read
 are null), and, as its very last event before it closes every connection, ``engine_exit``:
-{code, reason}, the process's exit code (0 ended or stopped, 1 a job failed or the engine
-crashed, 2 a config/data/model error, 130 aborted) and why.
+{code, reason, metrics_lost}, the process's exit code (``engine.core.jobs``: 0 ended or
+stopped, 1 a job failed or the engine crashed, 2 a config/data/model error, 130 aborted),
+why, and what ``metrics.jsonl`` lacks (phrases; empty when it holds every event).
 """
 
 from __future__ import annotations
