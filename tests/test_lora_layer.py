@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from engine.train.adapters import adapter_state_dict, attach_adapter, load_adapter_state
-from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, dense_weight, mix_seed
+from engine.train.lora import BatchLayout, MultiLoraLinear, Segment, dense_weight, mix_seed
+from engine.train.variants import variant_for
 
 peft = pytest.importorskip("peft")
 
@@ -94,7 +95,7 @@ def test_each_adapter_touches_only_its_own_rows():
     specs = {"lora": ("up",), "rslora": ("up", "down"), "dora": ("down",)}
     for i, (name, targets) in enumerate(specs.items()):
         attach_adapter(shared, layout, name, list(targets), dropout=0.3, init_seed=10 + i,
-                       device=torch.device("cpu"), **{k: v for k, v in VARIANTS[name].items()})
+                       device=torch.device("cpu"), **VARIANTS[name])
         _randomize(shared, name, 20 + i)
     alone_models = {name: copy.deepcopy(shared) for name in specs}
 
@@ -218,11 +219,13 @@ def _layer(base_cls=nn.Linear, dtype=torch.float32, bias=True, in_features=12):
     layer = MultiLoraLinear(base, layout, "model.layers.3.mlp.up_proj")
     g = torch.Generator().manual_seed(4)
     for name, (r, alpha, dropout, rslora, dora) in _ADAPTERS.items():
-        adapter = LoraAdapter(in_features, 10, r, alpha, dropout, rslora, dora)
+        fields = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                      use_dora=dora)
+        adapter = variant_for(name, fields).linear_adapter(in_features, 10)
         adapter.reset(g, dense_weight(base))
         with torch.no_grad():
             adapter.lora_B.normal_(0, 0.3, generator=g)
-            if adapter.magnitude is not None:
+            if dora:
                 adapter.magnitude.mul_(1.0 + 0.1 * torch.randn(10, generator=g))
         layer.adapters[name] = adapter
     return layer

@@ -1,4 +1,5 @@
-"""MixLoRA (engine/train/mixlora.py): a mixture of LoRA experts on the feed-forward blocks.
+"""MixLoRA (engine/train/variants/mixlora/): a mixture of LoRA experts on the feed-forward
+blocks.
 
 References are independent of the code under test: a float64 loop over tokens and experts
 written from the definitions in docs/mixlora.md, each adapter trained alone, and the engine's
@@ -15,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.train.adapters import adapter_state_dict, attach_adapter
+from engine.train.adapters import adapter_modules, adapter_state_dict, attach_adapter
 from engine.core.config import AdapterConfig, ModelConfig, RunConfig, TrainConfig, parse_config
 from engine.core.errors import ConfigError
 from engine.train.lora import BatchLayout, Segment
-from engine.train.mixlora import attach_mixlora, prepare_router_batch, router_losses
 from engine.train.models import find_target_linears
+from engine.train.variants import variant_for
+from engine.train.variants.mixlora.experts import MixLoraExperts
 from engine.train.engine import Engine
 from tiny_models import build_tiny_model, tiny_model_dir
 
@@ -187,8 +189,10 @@ def test_batched_layer_equals_a_float64_loop_over_tokens_and_experts(family, fie
                         router_z_loss_coef=0.02, jitter_noise=0.0, target_modules=FFN[family],
                         **fields)
     names = list(find_target_linears(model, FFN[family]))
-    assert attach_mixlora(model, layout, cfg, names, init_seed=3,
-                          device=torch.device("cpu")) == []
+    mix_variant = variant_for("mix", cfg)
+    mix_variant.attach(model, layout, names, init_seed=3, device=torch.device("cpu"))
+    # Every targeted linear went to the experts: no plain LoRA of its own.
+    assert all(isinstance(m, MixLoraExperts) for m in adapter_modules(model, "mix").values())
     # Another adapter's plain LoRA on the same linears, for the rows of its own segment.
     attach_adapter(model, layout, "plain", names, r=2, alpha=4, dropout=0.0, use_rslora=False,
                    use_dora=False, init_seed=5, device=torch.device("cpu"))
@@ -206,9 +210,10 @@ def test_batched_layer_equals_a_float64_loop_over_tokens_and_experts(family, fie
     attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6])
     segments = [Segment("mix", 0, 2, 5, dropout_seed=11), Segment("plain", 2, 4, 6, 12)]
     layout.set_segments(segments)
-    prepare_router_batch(model, segments, attention, torch.device("cpu"))
+    mix_variant.begin_pass(segments[0], attention)
+    segments[0].tokens_to(torch.device("cpu"))
     out = mlp(x)
-    loss = router_losses(model)["mix"]
+    loss = mix_variant.extra_loss()
     cotangent = torch.randn_like(out)
     ((out * cotangent).sum() + loss).backward()
 
@@ -221,7 +226,7 @@ def test_batched_layer_equals_a_float64_loop_over_tokens_and_experts(family, fie
     mix = resolve_mixlora({**vars(cfg)})
     expert_act = ACT2FN[mix["act_fn"]] if mix["act_fn"] else act
     leaves = [{p: {"A": _leaf(a.lora_A), "B": _leaf(a.lora_B),
-                   **({"m": _leaf(a.magnitude)} if a.magnitude is not None else {})}
+                   **({"m": _leaf(a.magnitude)} if hasattr(a, "magnitude") else {})}
                for p, a in expert.items()} for expert in experts.experts]
     router = _leaf(experts.router)
     real = [[t < 5 and bool(attention[r, t]) for t in range(6)] for r in range(2)]
@@ -241,7 +246,7 @@ def test_batched_layer_equals_a_float64_loop_over_tokens_and_experts(family, fie
     for expert, ref in zip(experts.experts, leaves):
         for p, adapter in expert.items():
             pairs += [(adapter.lora_A, ref[p]["A"]), (adapter.lora_B, ref[p]["B"])]
-            if adapter.magnitude is not None:
+            if hasattr(adapter, "magnitude"):
                 pairs.append((adapter.magnitude, ref[p]["m"]))
     for p in base:
         pairs += [(getattr(mlp, p).adapters["plain"].lora_A, plain_leaves[p]["A"]),
@@ -551,8 +556,9 @@ def test_experts_need_a_feed_forward_target(tmp_path_factory):
     with pytest.raises(ConfigError, match=r'\[adapter "m"\] target_modules: MixLoRA puts its '
                                           r"experts on feed-forward projections \(this "
                                           r"model's: gate_proj, up_proj, down_proj\)"):
-        attach_mixlora(model, BatchLayout(), cfg, list(find_target_linears(model, ["q_proj"])),
-                       init_seed=0, device=torch.device("cpu"))
+        variant_for("m", cfg).attach(model, BatchLayout(),
+                                     list(find_target_linears(model, ["q_proj"])),
+                                     init_seed=0, device=torch.device("cpu"))
 
 
 def test_convert_carries_mixlora_fields_over(tmp_path):

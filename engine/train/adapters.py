@@ -1,4 +1,4 @@
-"""Adapters on disk in PEFT's format, and attaching adapters to a model.
+"""Adapters on disk in PEFT's format, and an adapter's pieces in a model, whatever its variant.
 
 A saved adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
 PEFT's key names, so ``peft.PeftModel.from_pretrained(base, folder)`` loads it with no
@@ -20,79 +20,63 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.core.errors import UserError
-from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight, wrap_linears
-from engine.train.mixlora import detach_mixlora, mixlora_tensors
+from engine.train.lora import BatchLayout, adapter_hosts
 
 PEFT_PREFIX = "base_model.model."
 META_FILE = "mlora_adapter.json"
 
 
+def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """What adapter ``name`` holds in each AdapterHost of the model (a LoraAdapter per
+    linear, MixLoRA's router and experts per feed-forward block), by the host's module name."""
+    return {module_name: host.adapters[name] for module_name, host in adapter_hosts(model).items()
+            if name in host.adapters}
+
+
 def attach_adapter(model: nn.Module, layout: BatchLayout, name: str, linear_names: list[str],
                    *, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
-                   init_seed: int, device: torch.device) -> list[nn.Parameter]:
-    """Add adapter ``name`` to the named linears, initialised from ``init_seed``; returns its params.
+                   init_seed: int, device: torch.device) -> None:
+    """Attach a LoRA, rsLoRA or DoRA adapter given its fields, through its variant (the
+    engine makes the variant from the whole AdapterConfig: ``variant_for``)."""
+    # Imported here, not above: the variants build on this module.
+    from engine.train.variants import variant_for
 
-    Initialisation draws from a CPU generator in module order, so it is the same on every
-    device and whichever other adapters exist.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(init_seed)
-    params: list[nn.Parameter] = []
-    for module_name, module in wrap_linears(model, linear_names, layout).items():
-        if name in module.adapters:
-            raise UserError(f"adapter {name!r} is already attached to {module_name}")
-        adapter = LoraAdapter(module.in_features, module.out_features, r, alpha, dropout,
-                              use_rslora, use_dora)
-        adapter.reset(generator, dense_weight(module.base).detach().cpu())
-        adapter.to(device)
-        module.adapters[name] = adapter
-        params.extend(adapter.parameters())
-    return params
+    fields = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                  use_dora=use_dora)
+    variant_for(name, fields).attach(model, layout, linear_names, init_seed=init_seed,
+                                     device=device)
 
 
 def detach_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (the base linears stay wrapped)."""
-    for module in model.modules():
-        if isinstance(module, MultiLoraLinear) and name in module.adapters:
-            del module.adapters[name]
-    detach_mixlora(model, name)   # a MixLoRA adapter's routers and experts
+    """Remove adapter ``name`` from every module that holds it (the hosts stay in place)."""
+    for host in adapter_hosts(model).values():
+        if name in host.adapters:
+            del host.adapters[name]
 
 
-def adapter_modules(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
-    """The adapter ``name`` on each layer, by the base linear's module name (PEFT's naming)."""
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter ``name``'s tensors by their saved key names, PEFT's for LoRA and DoRA
+    (``base_model.model.<module>.lora_A.weight``), docs/mixlora.md's for MixLoRA."""
     found = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, MultiLoraLinear) and name in module.adapters:
-            found[module_name] = module.adapters[name]
+    for module_name, host in adapter_hosts(model).items():
+        if name in host.adapters:
+            prefix = PEFT_PREFIX + host.saved_name(module_name)
+            for key, tensor in host.adapters[name].tensors().items():
+                found[f"{prefix}.{key}"] = tensor
     return found
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (contiguous fp32 CPU copies)."""
-    state = {}
-    for module_name, adapter in adapter_modules(model, name).items():
-        key = PEFT_PREFIX + module_name
-        state[f"{key}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous().clone()
-        state[f"{key}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous().clone()
-        if adapter.magnitude is not None:
-            state[f"{key}.lora_magnitude_vector"] = adapter.magnitude.detach().cpu().clone()
-    # A MixLoRA adapter's routers and experts (engine.train.mixlora, docs/mixlora.md).
-    for key, tensor in mixlora_tensors(model, name, PEFT_PREFIX).items():
-        state[key] = tensor.detach().cpu().contiguous().clone()
-    return state
+    """The adapter's tensors under their saved key names (contiguous fp32 CPU copies)."""
+    return {key: tensor.detach().cpu().contiguous().clone()
+            for key, tensor in adapter_tensors(model, name).items()}
 
 
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor],
                        source: str) -> None:
     """Copy saved tensors into adapter ``name``; any missing, extra or misshapen key is an error."""
-    expected = {}
-    for module_name, adapter in adapter_modules(model, name).items():
-        key = PEFT_PREFIX + module_name
-        expected[f"{key}.lora_A.weight"] = adapter.lora_A
-        expected[f"{key}.lora_B.weight"] = adapter.lora_B
-        if adapter.magnitude is not None:
-            expected[f"{key}.lora_magnitude_vector"] = adapter.magnitude
-    expected.update(mixlora_tensors(model, name, PEFT_PREFIX))   # MixLoRA routers, experts
+    expected = adapter_tensors(model, name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from engine.core import checkpoints as ckpt
-from engine.train.adapters import (adapter_files, adapter_modules, attach_adapter, detach_adapter,
+from engine.train.adapters import (adapter_files, detach_adapter,
                              load_adapter_state, peft_config, read_adapter_folder,
                              write_files_atomically, write_folder_atomically)
 from engine.core.config import AdapterConfig, RunConfig
@@ -38,15 +38,14 @@ from engine.core.outputs import write_run_record
 from engine.train.admission import Admission
 from engine.train.job import Job
 from engine.train.lora import BatchLayout
-from engine.train.mixlora import (attach_mixlora, discard_router_batch, extend_param_groups,
-                            mixlora_peft_fields, mixlora_targets, take_router_stats)
 from engine.train.packing import packing_problem
 from engine.train.passes import PassRunner, StepClock
 from engine.train.planning import (DEFAULT_PASS_OVERHEAD, PASS_OVERHEAD_TOKENS, MicroBatch, Pass,
                                    StepTotals, plan_step)
-from engine.train.models import (default_targets, enable_gradient_checkpointing,
+from engine.train.models import (enable_gradient_checkpointing,
                            find_target_linears, hidden_states_and_head, load_base_model,
                            select_device)
+from engine.train.variants import variant_for
 from engine.train.resume import (check_data, check_layout, check_resumable, checkpoint_files,
                                  load_job_state, restore_rng)
 from engine.core.prompts import load_template
@@ -171,28 +170,21 @@ class Engine:
                                    default_seed=self.config.train.seed)
         for warning in data.warnings():
             self.log(warning, level="warning")
-        targets = cfg.target_modules or default_targets(self.model)
-        targets = mixlora_targets(self.model, cfg, targets)  # MixLoRA: + feed-forward defaults
+        adapter = variant_for(cfg.name, cfg)   # its kind: LoRA, DoRA, MixLoRA (train/variants)
+        targets = adapter.targets(self.model)
         try:
             linears = list(find_target_linears(self.model, targets))
         except UserError as e:
             raise UserError(f'[adapter "{cfg.name}"] target_modules: {e}') from None
         try:
-            # MixLoRA hook: experts and routers take the feed-forward linears; the rest LoRA.
-            linears = attach_mixlora(self.model, self.layout, cfg, linears, init_seed=seed,
-                                     device=self.device)
-            attach_adapter(self.model, self.layout, cfg.name, linears, r=cfg.r,
-                           alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_seed=seed,
-                           device=self.device)
+            adapter.attach(self.model, self.layout, linears, init_seed=seed, device=self.device)
             if cfg.init_from and not restoring:
                 _config, state, _meta = read_adapter_folder(cfg.init_from)
                 load_adapter_state(self.model, cfg.name, state, source=cfg.init_from)
-            params = self._param_groups(cfg.name)
-            extend_param_groups(self.model, cfg.name, params)  # MixLoRA: routers, experts
-            job = Job(cfg, data, params, seed, sorted(targets), from_config=from_config)
+            job = Job(cfg, data, adapter, adapter.param_groups(self.model), seed,
+                      sorted(targets), from_config=from_config)
         except BaseException:
-            detach_adapter(self.model, cfg.name)    # a job is added whole or not at all
+            adapter.detach(self.model)    # a job is added whole or not at all
             raise
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
@@ -200,15 +192,6 @@ class Engine:
                   targets=job.targets)
         self._set_state(job, QUEUED)
         return job
-
-    def _param_groups(self, name: str) -> dict[str, list]:
-        groups = {"A": [], "B": [], "magnitude": []}
-        for adapter in adapter_modules(self.model, name).values():
-            groups["A"].append(adapter.lora_A)
-            groups["B"].append(adapter.lora_B)
-            if adapter.magnitude is not None:
-                groups["magnitude"].append(adapter.magnitude)
-        return groups
 
     def request_stop(self) -> None:
         """Stop after the current step (safe to call from a signal handler)."""
@@ -383,7 +366,8 @@ class Engine:
             try:
                 result = self.passes.forward_backward(pass_, clock)
             except torch.OutOfMemoryError:
-                discard_router_batch(self.model)   # MixLoRA: the pass's partial statistics
+                for item in pass_.items:   # MixLoRA: the pass's partial router statistics
+                    item.job.adapter.discard_pass()
                 self._free_memory()
                 passes = self._out_of_memory(pass_) + passes
                 continue
@@ -433,9 +417,8 @@ class Engine:
         save = False
         for job, metrics in stepped:
             self.emit("step", job=job.name, **metrics)
-            router_stats = take_router_stats(self.model, job.name)  # MixLoRA: tokens per expert
-            if router_stats is not None:
-                self.emit("router", job=job.name, step=job.step, **router_stats)
+            for kind, fields in job.adapter.step_events():   # MixLoRA: tokens per expert
+                self.emit(kind, job=job.name, step=job.step, **fields)
             if job.step >= job.total_steps:
                 self._finish(job)
             elif job.step % self.config.train.save_step == 0:
@@ -465,7 +448,7 @@ class Engine:
         config = peft_config(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=job.targets, use_rslora=cfg.use_rslora,
                              use_dora=cfg.use_dora, base_model=self.model_info["base_model"])
-        config.update(mixlora_peft_fields(cfg))  # MixLoRA: peft_type MIXLORA and its fields
+        config.update(job.adapter.config_fields())  # MixLoRA: peft_type MIXLORA, its fields
         meta = {"adapter": asdict(cfg), "step": job.step, "total_steps": job.total_steps,
                 "base_model": self.config.model.base_model, "dtype": self.config.model.dtype,
                 "quantize": self.config.model.quantize,

@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine.train.adapters import attach_adapter, load_adapter_state, read_adapter_folder
+from engine.train.adapters import load_adapter_state, read_adapter_folder
 from engine.core.config import ModelConfig
 from engine.core.errors import ConfigError, UserError
 from engine.train.lora import BatchLayout
-from engine.train.mixlora import attach_mixlora
+from engine.train.variants import variant_for
 from engine.train.models import find_target_linears, load_base_model, resolve_base_model, select_device
 from engine.core.prompts import PromptTemplate, load_template
 
@@ -63,27 +63,20 @@ def attach_saved_adapter(model, peft_cfg: dict, state: dict, adapter_dir: str | 
                          device: torch.device) -> BatchLayout:
     """Attach a saved adapter (``read_adapter_folder``'s config and tensors) to ``model``.
 
-    LoRA and DoRA adapters, and MixLoRA ones (peft_type MIXLORA: experts and routers on the
-    feed-forward blocks, engine.train.mixlora). The adapter applies to every row: generation
-    batches are not split by job. Returns the layout its layers share.
+    Of any variant the config describes (engine/train/variants: LoRA, DoRA, MixLoRA with
+    peft_type MIXLORA). The adapter applies to every row: generation batches are not split
+    by job. Returns the layout its layers share.
     """
     adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
     layout = BatchLayout()
-    targets = _target_modules(peft_cfg, adapter_dir)
-    linears = list(find_target_linears(model, targets))
-    r = _rank(peft_cfg, adapter_dir)
-    if peft_cfg.get("peft_type") == "MIXLORA":
-        try:
-            linears = attach_mixlora(model, layout, peft_cfg, linears, init_seed=0,
-                                     device=device, name=ADAPTER_NAME)
-        except (ValueError, TypeError) as e:   # fields the config could not resolve
-            raise UserError(f"{adapter_dir / 'adapter_config.json'}: not a valid MixLoRA "
-                            f"config ({e})") from None
-    attach_adapter(model, layout, ADAPTER_NAME, linears, r=r,
-                   alpha=float(peft_cfg.get("lora_alpha", r)), dropout=0.0,
-                   use_rslora=bool(peft_cfg.get("use_rslora", False)),
-                   use_dora=bool(peft_cfg.get("use_dora", False)), init_seed=0,
-                   device=device)
+    linears = list(find_target_linears(model, _target_modules(peft_cfg, adapter_dir)))
+    _check_rank(peft_cfg, adapter_dir)
+    try:
+        variant = variant_for(ADAPTER_NAME, peft_cfg)
+    except (ValueError, TypeError) as e:   # fields the config could not resolve
+        raise UserError(f"{config_path}: not a valid adapter config ({e})") from None
+    variant.attach(model, layout, linears, init_seed=0, device=device)
     load_adapter_state(model, ADAPTER_NAME, state, source=str(adapter_dir))
     layout.set_single(ADAPTER_NAME)
     return layout
@@ -164,10 +157,10 @@ def _base_model_path(override: Optional[str], peft_cfg: dict, meta: dict, adapte
                         f"to use another copy of it") from None
 
 
-def _rank(peft_cfg: dict, adapter_dir: Path) -> int:
+def _check_rank(peft_cfg: dict, adapter_dir: Path) -> None:
     r = peft_cfg.get("r")
     if isinstance(r, int) and not isinstance(r, bool) and r > 0:
-        return r
+        return
     raise UserError(f"{adapter_dir / 'adapter_config.json'}: r must be a positive integer, "
                     f"got {r!r}")
 

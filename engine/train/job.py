@@ -18,17 +18,20 @@ from engine.core import checkpoints as ckpt
 from engine.core.config import AdapterConfig
 from engine.core.data import JobData
 from engine.core.errors import UserError
-from engine.core.jobs import FINAL_STATES, QUEUED, variant_label
+from engine.core.jobs import FINAL_STATES, QUEUED
 from engine.train.lora import mix_seed
 from engine.train.schedules import make_scheduler
+from engine.train.variants import Variant
 
 
 class Job:
     """One adapter being trained: its data, weights, optimizer, schedule and progress."""
 
-    def __init__(self, cfg: AdapterConfig, data: JobData, params: dict[str, list], seed: int,
-                 targets: list[str], from_config: bool = True):
+    def __init__(self, cfg: AdapterConfig, data: JobData, adapter: Variant,
+                 params: dict[str, list], seed: int, targets: list[str],
+                 from_config: bool = True):
         self.cfg = cfg
+        self.adapter = adapter   # its variant: what the step asks of its kind of adapter
         self.name = cfg.name
         self.data = data
         # False for jobs added to a running engine: a resume restores them from the
@@ -171,7 +174,7 @@ class Job:
 
     @property
     def variant(self) -> str:
-        return variant_label(self.cfg)
+        return self.adapter.label()
 
     def summary(self) -> dict:
         """What a client shows of this job (protocol ``status``)."""

@@ -6,15 +6,17 @@ model shares one layout. The base projection runs once over all rows; each adapt
 delta is computed only on its own rows and added there. Rows of an adapter that does not
 target a module pass through it unchanged. Each plain-LoRA segment is two small matmuls
 with its own adapter's weights (``MultiLoraLinear._plain_delta``; back-to-back segments of
-equal rows and rank as one batched pair), each DoRA segment goes through
-``LoraAdapter.delta``; a row never meets another adapter's weights, so a NaN in one adapter
-stays in its job's rows. Where the base is a plain ``nn.Linear`` all deltas are added into
-its output in place, as one tensor of the batch's rows (no copy of the output).
+equal rows and rank as one batched pair); an adapter of another variant computes its own
+delta (``LoraAdapter.delta``, overridden in engine/train/variants: DoRA's, say). A row never
+meets another adapter's weights, so a NaN in one adapter stays in its job's rows. Where the
+base is a plain ``nn.Linear`` all deltas are added into its output in place, as one tensor
+of the batch's rows (no copy of the output).
 
-Variants are small pieces on top of plain LoRA, with PEFT's math so adapters load there:
-- rsLoRA: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``;
-- DoRA: a trained magnitude vector rescales the row-normalised adapted weight;
-- LoRA+ lives in the optimizer (B's learning rate), not here.
+``LoraAdapter`` is plain LoRA's weights on one linear, with PEFT's math so adapters load
+there, and the base class of every variant's per-linear piece; the variants themselves
+(rsLoRA's scaling, DoRA, MixLoRA, ...) live in engine/train/variants. Modules that hold
+adapters by name (this layer, MixLoRA's feed-forward blocks) are ``AdapterHost``s, so that
+saving, loading and detaching an adapter need not know its variant.
 
 Packed passes (engine/train/packing.py) put every example in one row; their segments are ranges
 of token positions, and each layer runs on the positions as rows (``BatchLayout.packed``).
@@ -32,6 +34,7 @@ import copy
 import math
 import zlib
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +51,19 @@ class Segment:
     length: int | None = None
     # Seeds this micro-batch's dropout masks (with each layer's name); None: no dropout.
     dropout_seed: int | None = None
-    # (rows, length) bool: the job's real (non-padding) tokens; MixLoRA routes and takes its
-    # router losses over these only (engine.train.mixlora.prepare_router_batch sets it).
+    # Only for a variant whose layers treat each token apart (``Variant.routes_tokens``:
+    # MixLoRA routes them). Padded rows: (rows, length) bool, the job's real (non-padding)
+    # tokens (its ``begin_pass`` sets it). Packed passes: (tokens,) long, each token's
+    # example within the job's micro-batch (the engine sets it); every token is real there.
     token_mask: torch.Tensor | None = None
-    # Packed passes: (tokens,) long, each token's example within the job's micro-batch
-    # (MixLoRA's per-sequence expert capacity); every token of a packed segment is real.
     token_rows: torch.Tensor | None = None
+
+    def tokens_to(self, device: torch.device) -> None:
+        """Move the token facts a variant set (``token_mask``, ``token_rows``) to ``device``."""
+        if self.token_mask is not None:
+            self.token_mask = self.token_mask.to(device)
+        if self.token_rows is not None:
+            self.token_rows = self.token_rows.to(device)
 
 
 @dataclass
@@ -122,64 +132,68 @@ def dense_weight(base: nn.Linear) -> torch.Tensor:
     return weight.float()
 
 
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+# An adapter's optimizer parameter groups: "A" trains at the job's lr, "B" and "magnitude"
+# at lr * loraplus_lr_ratio (LoRA+, as PEFT's create_loraplus_optimizer: B and 1-D tensors).
+PARAM_GROUPS = ("A", "B", "magnitude")
+
+
+def merge_groups(groups: Iterable[dict[str, list]]) -> dict[str, list[nn.Parameter]]:
+    """Parameter groups (``PARAM_GROUPS`` keys) put together, in the order given."""
+    merged: dict[str, list] = {key: [] for key in PARAM_GROUPS}
+    for group in groups:
+        for key, params in group.items():
+            merged[key].extend(params)
+    return merged
 
 
 class LoraAdapter(nn.Module):
-    """One adapter's weights on one linear layer (PEFT's layout: A is r x in, B is out x r)."""
+    """Plain LoRA's weights on one linear layer (PEFT's layout: A is r x in, B is out x r),
+    and the base class of every variant's piece on a linear (engine/train/variants)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
-                 dropout: float, use_rslora: bool, use_dora: bool):
+    # True: the layer computes this adapter's delta with its own batched plain-LoRA math.
+    # A variant whose delta differs sets False and overrides ``delta``.
+    batched = True
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float,
+                 dropout: float):
         super().__init__()
         self.r = r
-        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.scaling = scaling
         self.dropout_p = dropout
-        self.use_dora = use_dora
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32))
-        self.magnitude = (nn.Parameter(torch.zeros(out_features, dtype=torch.float32))
-                          if use_dora else None)
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator, base_weight: torch.Tensor) -> None:
-        """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0; DoRA's m = ||W||."""
+        """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0."""
         bound = 1.0 / math.sqrt(self.lora_A.shape[1])
         values = torch.empty(self.lora_A.shape, dtype=torch.float32).uniform_(
             -bound, bound, generator=generator)
         self.lora_A.copy_(values)
         self.lora_B.zero_()
-        if self.magnitude is not None:
-            self.magnitude.copy_(self.weight_norm(base_weight))
 
-    def weight_norm(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """Row norms of W + scaling * B A, detached (DoRA section 4.3, as PEFT does)."""
-        with torch.no_grad():
-            adapted = base_weight.float() + self.scaling * (self.lora_B @ self.lora_A)
-            return torch.linalg.norm(adapted, dim=1)
+    def dropped_input(self, x: torch.Tensor, generator: torch.Generator | None,
+                      length: int | None) -> torch.Tensor:
+        """fp32 rows ``x`` after this adapter's dropout (``x`` itself when none is drawn)."""
+        if generator is None or self.dropout_p <= 0:
+            return x
+        keep = 1.0 - self.dropout_p
+        return x * _dropout_mask(x, keep, generator, length) / keep
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Linear,
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
               generator: torch.Generator | None, length: int | None = None) -> torch.Tensor:
-        """What this adapter adds to the base output for input rows ``x`` (fp32)."""
-        x = x.float()
-        dropped = False
-        if generator is not None and self.dropout_p > 0:
-            keep = 1.0 - self.dropout_p
-            x = x * _dropout_mask(x, keep, generator, length) / keep
-            dropped = True
+        """What this adapter adds to ``base_out``, the base linear ``base``'s output of input
+        rows ``x`` (fp32); ``generator`` draws the dropout mask (None: no dropout)."""
+        x = self.dropped_input(x.float(), generator, length)
         lora_out = (x @ self.lora_A.t()) @ self.lora_B.t()
-        if self.magnitude is None:
-            return lora_out * self.scaling
-        weight = dense_weight(base)
-        mag_norm_scale = self.magnitude / self.weight_norm(weight)
-        if dropped:
-            # PEFT recomputes the base projection on the dropped-out input for DoRA.
-            base_result = x @ weight.t()
-        else:
-            base_result = base_out.float()
-            if base.bias is not None:
-                base_result = base_result - base.bias.float()
-        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_out * self.scaling
+        return lora_out * self.scaling
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """Its saved tensors, by PEFT's key names after the linear's module name."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"A": [self.lora_A], "B": [self.lora_B]}
 
 
 def _dropout_mask(x: torch.Tensor, keep: float, generator: torch.Generator,
@@ -202,7 +216,6 @@ def _dropout_mask(x: torch.Tensor, keep: float, generator: torch.Generator,
 # one draw per element, which is most of a mask's cost on CPU.
 
 
-
 def _draw_bits(shape: tuple, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     bits = torch.empty(tuple(shape[:-1]) + ((shape[-1] + 1) // 2,), dtype=torch.int64,
                        device=device)
@@ -222,14 +235,33 @@ def _seeded_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class MultiLoraLinear(nn.Module):
+class AdapterHost(nn.Module):
+    """A module of the model that holds adapters by name in ``adapters`` (a linear's LoRA,
+    a feed-forward block's MixLoRA experts). Each held module gives its tensors
+    (``tensors()``, saved under ``saved_name(this module's name)``) and its optimizer
+    parameter groups (``param_groups()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+
+    def saved_name(self, module_name: str) -> str:
+        """The module name its adapters' saved keys start with."""
+        return module_name
+
+
+def adapter_hosts(model: nn.Module) -> dict[str, AdapterHost]:
+    """Every AdapterHost in the model, by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterHost)}
+
+
+class MultiLoraLinear(AdapterHost):
     """A frozen base ``nn.Linear`` plus any number of named adapters, batched by rows."""
 
     def __init__(self, base: nn.Linear, layout: BatchLayout, name: str):
         super().__init__()
         self.base = base
         self.layout = layout
-        self.adapters = nn.ModuleDict()
         # Identifies the layer in dropout seeds: stable across runs and adapter sets.
         self.name_key = zlib.crc32(name.encode())
 
@@ -262,47 +294,26 @@ class MultiLoraLinear(nn.Module):
             base_out = self.base(x)
         layout = self.layout
         if layout.single is not None:
-            adapter = self.adapters[layout.single] if layout.single in self.adapters else None
-            if adapter is None:
-                return base_out
-            if adapter.use_dora:
-                return base_out + adapter.delta(x, base_out, self.base, None).to(base_out.dtype)
-            return _add_low_rank(base_out, x.float(), adapter.lora_A, adapter.lora_B,
-                                 adapter.scaling, flat)
+            return self._single(x, base_out, flat)
         work = sorted(((seg, self.adapters[seg.adapter]) for seg in layout.segments
                        if seg.adapter is not None and seg.adapter in self.adapters),
                       key=lambda item: item[0].start)
         if not work:
             return base_out
         per_row = flat.shape[0] // base_out.shape[0] if flat is not None else 0
-        # Back-to-back plain segments of equal rows and rank form one run (one bmm pair);
-        # a DoRA segment is a run of its own. Each run takes its rows of x by one split.
+        # Back-to-back batched segments of equal rows and rank form one run (one bmm pair);
+        # any other adapter is a run of its own. Each run takes its rows of x by one split.
         runs = (_stackable_runs(work) if flat is not None else [[item] for item in work])
         inputs = _split_rows(x, [(run[0][0].start, run[-1][0].end) for run in runs])
         if (flat is not None and len(runs) == 1 and len(runs[0]) == 1
-                and not runs[0][0][1].use_dora and runs[0][0][0].start == 0
+                and runs[0][0][1].batched and runs[0][0][0].start == 0
                 and runs[0][0][0].end * per_row == flat.shape[0]):
             # One plain adapter on every row: straight into the output (fp32: one addmm_).
             (seg, adapter), = runs[0]
             xs, scale = self._dropped_out(inputs[0].float(), seg, adapter)
             _add_low_rank(flat, xs, adapter.lora_A, adapter.lora_B, scale, flat)
             return flat.view(base_out.shape)
-        dora_outputs = (_split_rows(base_out, [(run[0][0].start, run[0][0].end)
-                                               for run in runs if run[0][1].use_dora])
-                        if any(run[0][1].use_dora for run in runs) else [])
-        deltas = []   # (first row, end row, delta of those rows): every delta first, since
-        for run, xs in zip(runs, inputs):   # DoRA reads base_out, which the sum then updates
-            start, end = run[0][0].start, run[-1][0].end
-            seg, adapter = run[0]
-            if adapter.use_dora:
-                generator = self._generator(seg, adapter, x.device)
-                base_rows = dora_outputs.pop(0)
-                if generator is None and flat is not None and base_rows.dtype == torch.float32:
-                    base_rows = base_rows.clone()   # read after flat's in-place sum below
-                deltas.append((start, end, adapter.delta(xs, base_rows, self.base, generator,
-                                                         seg.length)))
-                continue
-            deltas.append((start, end, self._plain_delta(xs.float(), run)))
+        deltas = self._deltas(runs, inputs, base_out, flat)
         if flat is not None:
             # Every delta as one tensor of every row (zeros where no adapter applies), added
             # in place in one go: an addition into each segment's rows of the output would,
@@ -310,6 +321,38 @@ class MultiLoraLinear(nn.Module):
             flat.add_(_all_rows(flat, deltas, per_row))
             return flat.view(base_out.shape)
         return _add_rows(base_out, deltas)
+
+    def _single(self, x: torch.Tensor, base_out: torch.Tensor,
+                flat: torch.Tensor | None) -> torch.Tensor:
+        """``layout.single``'s adapter on every row, without dropout."""
+        if self.layout.single not in self.adapters:
+            return base_out
+        adapter = self.adapters[self.layout.single]
+        if not adapter.batched:
+            return base_out + adapter.delta(x, base_out, self.base, None).to(base_out.dtype)
+        return _add_low_rank(base_out, x.float(), adapter.lora_A, adapter.lora_B,
+                             adapter.scaling, flat)
+
+    def _deltas(self, runs: list[list], inputs: list[torch.Tensor], base_out: torch.Tensor,
+                flat: torch.Tensor | None) -> list[tuple[int, int, torch.Tensor]]:
+        """(first row, end row, fp32 delta of those rows) of each run: a run of batched
+        adapters by the layer's plain-LoRA math, any other adapter by its own ``delta``, which
+        may read the base output of its rows (so every delta is computed before any is added)."""
+        own = [run[0][0] for run in runs if not run[0][1].batched]
+        base_rows = iter(_split_rows(base_out, [(seg.start, seg.end) for seg in own])
+                         if own else [])
+        deltas = []
+        for run, xs in zip(runs, inputs):
+            seg, adapter = run[0]
+            if adapter.batched:
+                deltas.append((seg.start, run[-1][0].end, self._plain_delta(xs.float(), run)))
+                continue
+            rows = next(base_rows)
+            if flat is not None and rows.dtype == torch.float32:
+                rows = rows.clone()   # a view of flat, which the sum of deltas updates in place
+            deltas.append((seg.start, seg.end, adapter.delta(
+                xs, rows, self.base, self._generator(seg, adapter, xs.device), seg.length)))
+        return deltas
 
     def _generator(self, seg: Segment, adapter: LoraAdapter,
                    device: torch.device) -> torch.Generator | None:
@@ -400,13 +443,13 @@ def _split_rows(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Te
 
 
 def _stackable_runs(work: list[tuple[Segment, LoraAdapter]]) -> list[list]:
-    """``work`` in row order, cut into runs of back-to-back plain segments of equal row
-    counts and ranks (each run one batched matmul pair); a DoRA segment is a run alone."""
+    """``work`` in row order, cut into runs of back-to-back batched segments of equal row
+    counts and ranks (each run one batched matmul pair); any other segment is a run alone."""
     runs: list[list] = []
     for seg, adapter in sorted(work, key=lambda item: item[0].start):
         last = runs[-1][-1] if runs else None
         if (last is not None and last[0].end == seg.start and last[1].r == adapter.r
-                and not adapter.use_dora and not last[1].use_dora
+                and adapter.batched and last[1].batched
                 and last[0].end - last[0].start == seg.end - seg.start):
             runs[-1].append((seg, adapter))
         else:
@@ -471,8 +514,3 @@ def wrap_linears(model: nn.Module, names: list[str], layout: BatchLayout) -> dic
             setattr(parent, attr, module)
         wrapped[name] = module
     return wrapped
-
-
-def multi_lora_modules(model: nn.Module) -> dict[str, MultiLoraLinear]:
-    """Every MultiLoraLinear in the model, by the name of the base linear it wraps."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoraLinear)}

@@ -16,7 +16,6 @@ from engine.core.data import IGNORE_INDEX
 from engine.train.job import Job
 from engine.train.lora import BatchLayout, Segment
 from engine.train.loss import chunked_head_loss
-from engine.train.mixlora import prepare_router_batch, router_losses
 from engine.train.planning import Pass, PassResult, batch_tensors, segments
 
 
@@ -61,13 +60,13 @@ class PassRunner:
         parts = segments(pass_)
         inputs, labels, real, context = batch_tensors(self.model, pass_.examples,
                                                       pass_.packed, self.pad_id)
-        # MixLoRA hook: token masks on its segments; record router losses in this forward.
+        # Each job's variant sees the pass begin (MixLoRA: token masks, router records).
         # First of anything on the device: a pass that fails after it (out of memory) is
-        # the one whose router statistics are discarded.
-        prepare_router_batch(self.model, parts, real, self.device)
+        # the one whose records are discarded.
+        for item, seg in zip(pass_.items, parts):
+            item.job.adapter.begin_pass(seg, real)
         for seg in parts:
-            if seg.token_rows is not None:
-                seg.token_rows = seg.token_rows.to(self.device)
+            seg.tokens_to(self.device)
         inputs = self._on_device(inputs)
         self.layout.set_segments(parts, packed=pass_.packed)
         with context:   # packed attention for the forward and the backward's recomputation
@@ -93,9 +92,8 @@ class PassRunner:
 
     def _pass_losses(self, pass_: Pass, parts: list[Segment], hidden: torch.Tensor,
                      labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Each job's loss from its own part of the pass, and their sum with the router
-        losses: what the backward differentiates."""
-        router = router_losses(self.model)  # MixLoRA: {job: its router loss}
+        """Each job's loss from its own part of the pass, and their sum with the variants'
+        extra losses (MixLoRA's router losses): what the backward differentiates."""
         job_losses, total = [], None
         for item, seg in zip(pass_.items, parts):
             job = item.job
@@ -105,11 +103,11 @@ class PassRunner:
             job_loss = loss_sum / job.loss_normalizer()
             job_losses.append(job_loss)
             total = job_loss if total is None else total + job_loss
-            if job.name in router:
-                # MixLoRA: the router loss weighs like each target token's loss, so it
-                # is normalised as the LM loss is (docs/mixlora.md); the reported loss
-                # is LM only.
-                total = total + router[job.name] * count / job.loss_normalizer()
+            extra = job.adapter.extra_loss()
+            if extra is not None:
+                # It weighs like each target token's loss, so it is normalised as the LM
+                # loss is (docs/mixlora.md); the reported loss is LM only.
+                total = total + extra * count / job.loss_normalizer()
         return job_losses, total
 
     def _on_device(self, inputs: dict) -> dict:

@@ -17,7 +17,6 @@ import torch
 from engine.core.data import IGNORE_INDEX, Encoded
 from engine.train.job import Job
 from engine.train.lora import Segment
-from engine.train.mixlora import is_mixlora
 from engine.train.packing import pack, packed_pass
 
 # A forward pass costs about as much as this many more tokens would (launches, Python,
@@ -157,7 +156,7 @@ def segments(pass_: Pass) -> list[Segment]:
             found.append(Segment(
                 job.name, start, start + size, None, job.dropout_seed(),
                 token_rows=torch.arange(len(chunk)).repeat_interleave(lengths)
-                if is_mixlora(job.cfg) else None))
+                if job.adapter.routes_tokens else None))
             start += size
         else:
             found.append(Segment(job.name, start, start + len(chunk), item.width,
