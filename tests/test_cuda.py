@@ -30,7 +30,8 @@ from engine.train.engine import Engine  # noqa: E402
 # Fixtures (tiny_llama, data_files) are imported so pytest finds them in this module too.
 from test_engine_exactness import (  # noqa: E402,F401
     _assert_same, _peft_reference_training, _run_config, _three_adapters, _weights,
-    data_files, peft, tiny_llama)
+    peft_initial_adapter,
+    data_files, tiny_llama)
 
 
 @pytest.fixture(autouse=True)
@@ -116,20 +117,8 @@ def test_batched_equals_isolated_bf16(tiny_llama, data_files, tmp_path):
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_engine_on_gpu_equals_peft_on_cpu(variant, tiny_llama, data_files, tmp_path):
     """fp32 on the GPU against the PEFT reference trained by a plain loop on the CPU."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     targets = ["q_proj", "v_proj", "down_proj"]
-    lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                  use_dora=variant == "dora", task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    initial = peft.get_peft_model(base, lora_config)
-    with torch.no_grad():
-        for name, param in initial.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    init_dir = tmp_path / "init"
-    initial.save_pretrained(init_dir)
+    init_dir = peft_initial_adapter(tiny_llama, tmp_path / "init", use_dora=variant == "dora")
 
     cfg = AdapterConfig(prompt="alpaca_short", name="job", data=data_files["a"], r=4,
                         lora_alpha=8, lora_dropout=0.0, use_dora=variant == "dora",
