@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.core.errors import UserError
-from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, adapter_hosts, dense_weight, merge_groups, wrap_linears
+from engine.train.lora import BatchLayout, LoraAdapter, dense_weight, wrap_linears
 from engine.train.variants.base import Variant, register
 
 
@@ -50,10 +50,3 @@ class LoraVariant(Variant):
             adapter = self.linear_adapter(module.in_features, module.out_features)
             adapter.reset(generator, dense_weight(module.base).detach().cpu())
             module.adapters[self.name] = adapter.to(device)
-
-    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        """Its pieces' groups on the linears only (a MixLoRA adapter's linears are this kind,
-        beside its experts), in module order."""
-        return merge_groups(host.adapters[self.name].param_groups()
-                            for host in adapter_hosts(model).values()
-                            if isinstance(host, MultiLoraLinear) and self.name in host.adapters)

@@ -40,10 +40,11 @@ from torch import nn
 
 from engine.core.config import ACT_FNS, resolve_mixlora
 from engine.core.errors import ConfigError
+from engine.train.adapters import adapter_modules
 from engine.train.lora import BatchLayout, Segment, dense_weight, merge_groups, mix_seed
 from engine.train.variants.base import Variant, register, variant_for
 from engine.train.variants.mixlora.blocks import (FeedForward, MixLoraFFN, base_linear, feed_forwards,
-                                                  holders, install)
+                                                  install)
 from engine.train.variants.mixlora.experts import INIT, MixLoraExperts, MixLoraSettings, RouterBook
 
 
@@ -126,10 +127,11 @@ class MixLoraVariant(Variant):
         return plan
 
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        """Its linears' groups first, then each block's router and experts."""
-        return merge_groups([self.linear.param_groups(model)]
-                            + [holder.adapters[self.name].param_groups()
-                               for holder in holders(model) if self.name in holder.adapters])
+        """Its linears' groups first, then each block's router and experts, each in module
+        order (the order its optimizer state and gradient norm have always had)."""
+        pieces = sorted(adapter_modules(model, self.name).values(),
+                        key=lambda piece: isinstance(piece, MixLoraExperts))
+        return merge_groups(piece.param_groups() for piece in pieces)
 
     def config_fields(self) -> dict:
         return {"peft_type": "MIXLORA", **resolve_mixlora(self.fields)}

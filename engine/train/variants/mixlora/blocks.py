@@ -173,7 +173,3 @@ def install(ffn: FeedForward, layout: BatchLayout) -> MixLoraFFN:
         ffn.module.forward = types.MethodType(_routed_forward, ffn.module)
     return holder
 
-
-def holders(model: nn.Module) -> list[MixLoraFFN]:
-    """Every installed MixLoraFFN, in module order."""
-    return [m for m in model.modules() if isinstance(m, MixLoraFFN)]
