@@ -39,6 +39,7 @@ from torch import nn
 
 from engine.core.config import AdapterConfig
 from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, Segment, mix_seed
+from engine.train.variants.lora import lora_scaling
 
 
 # -- the previous layer, verbatim (plain LoRA part) ------------------------------------------
@@ -57,7 +58,7 @@ def _old_delta(adapter: LoraAdapter, x, generator, length):
         keep = 1.0 - adapter.dropout_p
         x = x * _old_dropout_mask(x, keep, generator, length) / keep
     lora_out = (x @ adapter.lora_A.t()) @ adapter.lora_B.t()
-    assert adapter.magnitude is None, "the benchmark's old layer is plain LoRA only"
+    assert adapter.batched, "the benchmark's old layer is plain LoRA only"
     return lora_out * adapter.scaling
 
 
@@ -91,7 +92,7 @@ def build(in_f, out_f, jobs, rows_per_job, r, dropout, dtype, device, tokens=128
     layer = MultiLoraLinear(base, layout, "model.layers.0.mlp.up_proj")
     g = torch.Generator().manual_seed(1)
     for j in range(jobs):
-        adapter = LoraAdapter(in_f, out_f, r, 2.0 * r, dropout, False, False)
+        adapter = LoraAdapter(in_f, out_f, r, lora_scaling(r, 2.0 * r, False), dropout)
         adapter.reset(g, base.weight)
         with torch.no_grad():
             adapter.lora_B.normal_(0, 0.02, generator=g)

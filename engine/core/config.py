@@ -89,7 +89,7 @@ class AdapterConfig:
     max_grad_norm: Optional[float] = None
     init_from: str = ""               # a PEFT adapter folder to continue training from
     seed: Optional[int] = None        # None: [train] seed
-    # MixLoRA (engine/train/mixlora.py, docs/mixlora.md): a mixture of LoRA experts on the
+    # MixLoRA (engine/train/variants/mixlora/, docs/mixlora.md): a mixture of LoRA experts on the
     # feed-forward blocks. routing_strategy None: a plain LoRA adapter, and every field below
     # must be left out. Set, the fields left out take the strategy's defaults (MIXLORA_DEFAULTS).
     routing_strategy: Optional[str] = None   # mixlora (top-k) | mixlora-switch | mixlora-dynamic
