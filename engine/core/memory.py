@@ -225,59 +225,20 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
     shape = model if isinstance(model, ModelShape) else ModelShape.from_config(model)
     b = _dtype_bytes(dtype)
     out: dict[str, int] = {"weights": shape.num_params() * b}
-
-    def state_bytes(job: JobLoad) -> int:
-        return {"adamw": 8, "sgd": 4, "sgd0": 0}.get(job.optimizer, 8)
-
     lora = [shape.lora_params(j.r, j.target_modules) for j in jobs]
-    resident = sum(p * (4 + state_bytes(j)) for p, j in zip(lora, jobs))
+    resident = sum(p * (4 + _optimizer_state_bytes(j)) for p, j in zip(lora, jobs))
     grads = 4 * (sum(lora) if implementation == "engine" else max(lora))
     out["adapters"] = resident + grads
 
-    def engine_pass(group: list[JobLoad]) -> tuple[int, int, int, int]:
-        """(per-layer activations, head, positions, mask) of one engine pass."""
-        if packed:
-            return packed_pass(group)
-        width = max(j.seq_len for j in group)
-        base = _base_saved_per_position(shape, b, width, attn_impl)
-        rows = sum(j.rows for j in group)
-        layer = sum(j.rows * width * (base + _lora_saved_per_position(shape, j, "engine", device))
-                    for j in group)
-        biggest = max(j.targets for j in group)
-        chunk = min(head_chunk, biggest) if head_chunk else biggest
-        targets = sum(j.targets for j in group)
-        # Each job's gradient w.r.t. its target hidden states is kept (and its gathered
-        # hidden states); one chunk's logits, log-softmax and gradient exist at a time.
-        head = 2 * b * shape.hidden * targets + (8 + b) * shape.vocab * chunk
-        head += 4 * shape.hidden * rows * width            # final norm's fp32 upcast
-        return layer, head, rows * width, rows * width * width
-
-    def packed_pass(group: list[JobLoad]) -> tuple[int, int, int, int]:
-        base = _base_saved_per_position(shape, b, 0, "sdpa", repeat_kv=False)
-        positions = sum(j.real_tokens for j in group)
-        layer = sum(j.real_tokens * (base + _lora_saved_per_position(shape, j, "engine", device))
-                    for j in group)
-        biggest = max(j.targets for j in group)
-        chunk = min(head_chunk, biggest) if head_chunk else biggest
-        head = 2 * b * shape.hidden * sum(j.targets for j in group)
-        head += (8 + b) * shape.vocab * chunk + 4 * shape.hidden * positions
-        return layer, head, positions, 0
-
-    def peft_pass(j: JobLoad) -> tuple[int, int, int, int]:
-        base = _base_saved_per_position(shape, b, j.seq_len, attn_impl)
-        positions = j.rows * j.seq_len
-        layer = positions * (base + _lora_saved_per_position(shape, j, "peft", device))
-        head = ((b + 12) * shape.vocab + 4 * shape.hidden) * positions
-        return layer, head, positions, positions * j.seq_len
-
+    cost = _PassCost(shape, b, device, attn_impl, head_chunk)
     if implementation == "engine":
         groups = [[jobs[i] for i in g] for g in passes] if passes else [list(jobs)]
-        costs = [engine_pass(g) for g in groups if g]
+        costs = [cost.packed(g) if packed else cost.padded(g) for g in groups if g]
     else:
-        costs = [peft_pass(j) for j in jobs]
+        costs = [cost.peft(j) for j in jobs]
 
-    def activations(cost: tuple[int, int, int, int]) -> int:
-        layer, _head, positions, mask = cost
+    def activations(c: tuple[int, int, int, int]) -> int:
+        layer, _head, positions, mask = c
         kept = (shape.layers * b * shape.hidden * positions + layer if gradient_checkpointing
                 else shape.layers * layer)
         return kept + mask                              # mask: the 4-D boolean attention mask
@@ -296,6 +257,62 @@ def estimate_breakdown(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf1
     out["runtime"] = runtime_bytes
     out["total"] = sum(out.values())
     return out
+
+
+def _optimizer_state_bytes(job: JobLoad) -> int:
+    return {"adamw": 8, "sgd": 4, "sgd0": 0}.get(job.optimizer, 8)
+
+
+@dataclass
+class _PassCost:
+    """One forward/backward pass's (per-layer activations, head, positions, mask) bytes."""
+
+    shape: ModelShape
+    b: int                  # bytes per base-model element
+    device: str
+    attn_impl: str
+    head_chunk: int
+
+    def _head_chunk(self, group: Sequence[JobLoad]) -> int:
+        biggest = max(j.targets for j in group)
+        return min(self.head_chunk, biggest) if self.head_chunk else biggest
+
+    def padded(self, group: Sequence[JobLoad]) -> tuple[int, int, int, int]:
+        """An engine pass of padded rows."""
+        shape, b = self.shape, self.b
+        width = max(j.seq_len for j in group)
+        base = _base_saved_per_position(shape, b, width, self.attn_impl)
+        rows = sum(j.rows for j in group)
+        layer = sum(j.rows * width
+                    * (base + _lora_saved_per_position(shape, j, "engine", self.device))
+                    for j in group)
+        targets = sum(j.targets for j in group)
+        # Each job's gradient w.r.t. its target hidden states is kept (and its gathered
+        # hidden states); one chunk's logits, log-softmax and gradient exist at a time.
+        head = 2 * b * shape.hidden * targets + (8 + b) * shape.vocab * self._head_chunk(group)
+        head += 4 * shape.hidden * rows * width            # final norm's fp32 upcast
+        return layer, head, rows * width, rows * width * width
+
+    def packed(self, group: Sequence[JobLoad]) -> tuple[int, int, int, int]:
+        """An engine pass of examples back to back in one row: no mask, k/v not repeated."""
+        shape, b = self.shape, self.b
+        base = _base_saved_per_position(shape, b, 0, "sdpa", repeat_kv=False)
+        positions = sum(j.real_tokens for j in group)
+        layer = sum(j.real_tokens
+                    * (base + _lora_saved_per_position(shape, j, "engine", self.device))
+                    for j in group)
+        head = 2 * b * shape.hidden * sum(j.targets for j in group)
+        head += (8 + b) * shape.vocab * self._head_chunk(group) + 4 * shape.hidden * positions
+        return layer, head, positions, 0
+
+    def peft(self, j: JobLoad) -> tuple[int, int, int, int]:
+        """PEFT's pass of one adapter: full logits for every position."""
+        shape, b = self.shape, self.b
+        base = _base_saved_per_position(shape, b, j.seq_len, self.attn_impl)
+        positions = j.rows * j.seq_len
+        layer = positions * (base + _lora_saved_per_position(shape, j, "peft", self.device))
+        head = ((b + 12) * shape.vocab + 4 * shape.hidden) * positions
+        return layer, head, positions, positions * j.seq_len
 
 
 def estimate_peak_bytes(model: Any, jobs: Sequence[JobLoad], *, dtype: str = "bf16",

@@ -189,7 +189,7 @@ class Engine:
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
                   train_examples=len(data.train), val_examples=len(data.val),
-                  targets=job.targets)
+                  targets=job.targets, variant=job.variant)
         self._set_state(job, QUEUED)
         return job
 
