@@ -15,7 +15,8 @@ from typing import Optional
 
 import pytest
 
-from engine.core.data import IGNORE_INDEX, Encoded, JobData, encode_row, micro_batches, split_indices
+from engine.core.data import (IGNORE_INDEX, Encoded, JobData, encode_row, micro_batches,
+                              split_indices)
 from engine.core.data_files import load_data_file, load_rows
 from engine.core.errors import ConfigError, DataError
 from engine.core.prompts import BUILTIN_TEMPLATE_NAMES, load_template
