@@ -400,15 +400,6 @@ def test_set_aside_moves_the_run_and_keeps_everything(workdir):
     assert set_aside_run(out) is None    # nothing left to move
 
 
-def test_outputs_and_the_cli_do_not_import_torch():
-    code = ("import sys\nimport engine.core.outputs, mlora_tui.cli, mlora_tui.client\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-
-
 def test_mlora_run_refuses_a_folder_with_another_run_and_overwrite_sets_it_aside(
         tmp_path, tiny_llama, runtime):
     config = write_run(tmp_path, tiny_llama)

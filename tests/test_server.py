@@ -123,16 +123,6 @@ def is_step(job=None):
 
 # -- the module's engine -------------------------------------------------------------------------
 
-def test_client_modules_do_not_import_torch():
-    code = ("import sys\n"
-            "import mlora_tui.client, mlora_tui.launcher, engine.core.runtime, engine.core.protocol\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'textual') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-
-
 def test_socket_and_runtime_dir_are_private(engine, runtime):
     assert stat.S_IMODE(os.stat(runtime).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(engine["socket"]).st_mode)
