@@ -168,17 +168,13 @@ def describe(value: Any) -> str:
     return f"{show(value)} ({kind})"
 
 
+# TOML's value types in the words of an error message; bool before int (a bool is an int).
+_TOML_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"),
+               (str, "a string"), (list, "an array"), (dict, "a table"))
+
+
 def _toml_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
+    for kind, words in _TOML_KINDS:
+        if isinstance(value, kind):
+            return words
     return "a date/time" if hasattr(value, "isoformat") else type(value).__name__

@@ -242,19 +242,15 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+# JSON's value types in the words of an error message; bool before int (a bool is an int).
+_JSON_TYPES = ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"),
+               (str, "a string"), (list, "an array"), (dict, "an object"))
+
+
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
+    for kind, words in _JSON_TYPES:
+        if isinstance(value, kind):
+            return words
     return type(value).__name__
 
 

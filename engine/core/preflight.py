@@ -27,7 +27,7 @@ class DataSummary:
     adapter: str
     path: str
     rows: int
-    kind: str        # alpaca | chat | text (engine.core.data.row_kind)
+    kind: str        # alpaca | chat | text (engine.core.data_files.row_kind)
 
 
 @dataclass(frozen=True)
