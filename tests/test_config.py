@@ -23,7 +23,7 @@ else:
     import tomli as tomllib
 
 from engine.core.config import (AdapterConfig, ModelConfig, RunConfig, TrainConfig, load_adapter_file,
-                           load_config, parse_adapter_tables, parse_config)
+                                load_config, parse_adapter_tables, parse_config)
 from engine.tools.convert import convert_mlora_json
 from engine.core.errors import ConfigError
 

@@ -30,8 +30,7 @@ from engine.train.engine import Engine  # noqa: E402
 # Fixtures (tiny_llama, data_files) are imported so pytest finds them in this module too.
 from test_engine_exactness import (  # noqa: E402,F401
     _assert_same, _peft_reference_training, _run_config, _three_adapters, _weights,
-    peft_initial_adapter,
-    data_files, tiny_llama)
+    data_files, peft_initial_adapter, tiny_llama)
 
 
 @pytest.fixture(autouse=True)

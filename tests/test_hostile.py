@@ -40,7 +40,7 @@ from engine.core import protocol as p
 from engine.core.config import load_config
 from engine.core.errors import ConfigError, DataError, UserError
 from engine.core.outputs import (REPLACED_PREFIX, RUN_RECORD, check_output_dir, config_fingerprint,
-                            read_run_record, run_outputs, set_aside_run, write_run_record)
+                                 read_run_record, run_outputs, set_aside_run, write_run_record)
 from engine.core.runtime import list_engines, runtime_dir
 from mlora_tui.cli import app
 from mlora_tui.client import EngineClient, EngineUnavailable, RequestFailed, hello_sync

@@ -27,8 +27,8 @@ import torch
 
 from engine.core import checkpoints as ckpt
 from engine.train.adapters import (adapter_files, detach_adapter,
-                             load_adapter_state, peft_config, read_adapter_folder,
-                             write_files_atomically, write_folder_atomically)
+                                   load_adapter_state, peft_config, read_adapter_folder,
+                                   write_files_atomically, write_folder_atomically)
 from engine.core.config import AdapterConfig, RunConfig
 from engine.core.data import JobData
 from engine.core.errors import ConfigError, UserError
@@ -43,8 +43,8 @@ from engine.train.passes import PassRunner, StepClock
 from engine.train.planning import (DEFAULT_PASS_OVERHEAD, PASS_OVERHEAD_TOKENS, MicroBatch, Pass,
                                    StepTotals, plan_step)
 from engine.train.models import (enable_gradient_checkpointing,
-                           find_target_linears, hidden_states_and_head, load_base_model,
-                           select_device)
+                                 find_target_linears, hidden_states_and_head, load_base_model,
+                                 select_device)
 from engine.train.variants import variant_for
 from engine.train.resume import (check_data, check_layout, check_resumable, checkpoint_files,
                                  load_job_state, restore_rng)
