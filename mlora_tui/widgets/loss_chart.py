@@ -137,6 +137,20 @@ class LossChart(Widget):
         self._selected: str | None = None
         self._overlay = False
         self._key: tuple | None = None
+        self.log_scale = False
+        self.smoothing = False
+
+    def toggle_log_scale(self) -> bool:
+        """Switch the loss axis between linear and log (decades); returns the new setting."""
+        self.log_scale = not self.log_scale
+        self.refresh()
+        return self.log_scale
+
+    def toggle_smoothing(self) -> bool:
+        """Switch the curves between raw losses and their EMA; returns the new setting."""
+        self.smoothing = not self.smoothing
+        self.refresh()
+        return self.smoothing
 
     def show(self, jobs: list[JobView], selected: str | None, overlay: bool) -> None:
         key = (overlay, selected, tuple((j.name, len(j.losses), j.total_steps, j.eval_loss)
