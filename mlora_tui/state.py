@@ -14,11 +14,12 @@ its ``seq`` numbers start again from 1.
 
 from __future__ import annotations
 
+import math
 import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from engine.core.jobs import FAILED, FINAL_STATES, QUEUED, job_variant
 
@@ -291,6 +292,23 @@ class EngineState:
 
     def _changed(self) -> None:
         self.version += 1
+
+
+def best_jobs(jobs: Iterable[JobView], n: int) -> list[JobView]:
+    """The ``n`` best jobs, best first (lower is better): those with an eval loss by it,
+    then those without one by their latest training loss, then those with neither. A
+    training loss is no stand-in for an eval loss (it runs lower), hence the two groups."""
+    def key(job: JobView) -> tuple:
+        held_out, train = _finite(job.eval_loss), _finite(job.loss)
+        return (held_out is None, math.inf if held_out is None else held_out,
+                math.inf if train is None else train, job.name)
+
+    return sorted(jobs, key=key)[:n]
+
+
+def _finite(value: float | None) -> float | None:
+    # A NaN or infinite loss (a diverged job) ranks with the jobs that have none.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _identity(engine_info: dict[str, Any]) -> tuple:

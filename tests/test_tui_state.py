@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from mlora_tui.gpu import GpuSampler
-from mlora_tui.state import CONNECTED, CONNECTING, DISCONNECTED, EngineState
-from mlora_tui.widgets.loss_chart import Series, plot
+from mlora_tui.state import (CONNECTED, CONNECTING, DISCONNECTED, EngineState, JobView,
+                             best_jobs)
+from mlora_tui.widgets.loss_chart import (EVAL_MARK, Series, chosen_jobs, ema, legend, plot,
+                                         shorten)
 
 ENGINE = {"name": "demo", "pid": 100}
 
@@ -304,6 +306,99 @@ def test_plot_overlay_gives_each_series_its_cells_and_style():
     styles = {str(span.style) for line in lines for span in line.spans}
     assert {"red", "blue"} <= styles
     assert plot([], width=20, height=5, x_max=10)[0].plain.strip() == "no loss yet"
+
+
+def test_log_scale_spans_whole_decades_and_places_each_decade_on_its_row():
+    steps = [0, 50, 100]
+    lines = plot([Series("a", steps, [5.0, 0.5, 0.02], "red")], width=30, height=10,
+                 x_max=100, log_scale=True)
+    # 0.02 to 5 needs the decades 0.01 to 10: three decades over 9 rows (36 dots), so
+    # 10 on row 0, 1 at dot 12 (row 3), 0.1 at dot 23 (row 5), 0.01 on the last row.
+    labels = {i: line.plain.split("┤")[0].strip() for i, line in enumerate(lines[:-1])
+              if "┤" in line.plain}
+    assert labels == {0: "10", 3: "1", 5: "0.1", 8: "0.01"}
+    margin = len("0.01") + 1
+    cells = _cells(lines, margin)
+    # 5.0 is log10 0.7: dot (1 - 0.7) / 3 * 35 = 3.5 -> row 0 or 1; 0.5 sits just under 1.
+    assert cells[0][0] != " " or cells[1][0] != " "
+    assert cells[3][12:14].strip() or cells[4][12:14].strip()
+    # 0.02 is log10 -1.7: dot 2.7 / 3 * 35 = 31.5, row 7, at the end; nothing under it.
+    assert cells[7][-1] != " " and not cells[8].strip()
+    # Losses of 0 cannot be drawn on a log axis: left out, not a crash.
+    lines = plot([Series("a", [1, 2], [0.0, 1.0], "red")], width=20, height=5, x_max=2,
+                 log_scale=True)
+    assert [line.plain.split("┤")[0].strip() for line in lines if "┤" in line.plain] == [
+        "10", "1"]
+
+
+def test_the_y_range_follows_what_is_drawn_eval_marks_included():
+    flat = Series("a", [0, 10], [1.0, 2.0], "red")
+    assert plot([flat], width=20, height=5, x_max=10)[0].plain.startswith("  2┤")
+    marked = Series("a", [0, 10], [1.0, 2.0], "red", marks=[(5, 3.0)])
+    lines = plot([marked], width=20, height=5, x_max=10)
+    assert lines[0].plain.startswith("3┤") and lines[-2].plain.startswith("1┤")
+    # The mark sits at step 5 of 10 on the top row (dot 17.5 of 36, cell 9), in the
+    # series' style.
+    assert lines[0].plain[2:].index(EVAL_MARK) == 9
+    assert any(str(span.style) == "red" for span in lines[0].spans)
+    # A smoothed curve draws less than the raw one spans: the axis shrinks with it.
+    raw = [1.0, 4.0, 1.0, 4.0, 1.0, 4.0]
+    smooth = ema(raw)
+    lines = plot([Series("a", range(6), smooth, "red")], width=20, height=5, x_max=5)
+    assert lines[0].plain.split("┤")[0].strip() == f"{max(smooth):.3g}" != "4"
+
+
+def test_ema_is_debiased_and_skips_non_finite_losses():
+    assert ema([2.0]) == [2.0]                        # not 0.1 x 2.0
+    values = ema([2.0, 0.0], weight=0.5)
+    assert values == [2.0, pytest.approx((0.5 * 1.0 + 0.0) / 0.75)]
+    smoothed = ema([1.0, float("nan"), 1.0])
+    assert smoothed[0] == smoothed[2] == pytest.approx(1.0) and smoothed[1] != smoothed[1]
+
+
+def _job(name, loss=None, eval_loss=None):
+    job = JobView(name)
+    job.loss, job.eval_loss = loss, eval_loss
+    return job
+
+
+def test_best_jobs_rank_by_eval_loss_then_training_loss_then_neither():
+    jobs = [_job("none"), _job("train-low", loss=0.1), _job("eval-high", 2.0, eval_loss=0.9),
+            _job("nan", loss=float("nan"), eval_loss=float("nan")),
+            _job("eval-low", 3.0, eval_loss=0.5), _job("train-high", loss=0.8)]
+    assert [job.name for job in best_jobs(jobs, 10)] == [
+        "eval-low", "eval-high", "train-low", "train-high", "nan", "none"]
+    assert [job.name for job in best_jobs(jobs, 2)] == ["eval-low", "eval-high"]
+
+
+def test_the_overlay_draws_every_job_when_few_else_the_five_best_and_the_selected():
+    few = [_job(f"j{i}", loss=1.0 + i) for i in range(6)]
+    assert chosen_jobs(few, "j5") == few
+    many = [_job(f"j{i:02d}", loss=1.0 + i, eval_loss=(10.0 - i) if i % 2 else None)
+            for i in range(50)]
+    # The odd jobs have eval losses, lowest for j49: the best five are j49 ... j41.
+    assert [job.name for job in chosen_jobs(many, "j00")] == [
+        "j49", "j47", "j45", "j43", "j41", "j00"]
+    assert [job.name for job in chosen_jobs(many, "j45")] == [
+        "j49", "j47", "j45", "j43", "j41"]
+
+
+def test_the_legend_fits_any_width_cutting_names_then_values_then_entries():
+    names = [f"sweep-lr{i}e-4-rank-{r}" for i, r in zip(range(1, 7), (4, 8, 16, 32, 64, 8))]
+    entries = [(name, f"0.{i}123", f"color({i})") for i, name in enumerate(names)]
+    full = legend(entries, 200).plain
+    assert full.startswith("● sweep-lr1e-4-rank-4 0.0123  ● sweep-lr2e-4-rank-8 0.1123")
+    for width in range(0, 200):
+        assert len(legend(entries, width).plain) <= width, width
+    # At 100 columns every entry stays, names cut in the middle so their ends still differ.
+    middle = legend(entries, 100).plain
+    assert middle.count("●") == 6 and "…" in middle and "0.5123" in middle
+    assert shorten("sweep-lr1e-4-rank-4", 9) == "swee…nk-4"
+    # Narrower: the values go, then entries, counted at the end.
+    narrow = legend(entries, 30).plain
+    assert "0.0123" not in narrow and narrow.endswith(f"+{6 - narrow.count('●')}")
+    styles = {str(span.style) for span in legend(entries, 100).spans}
+    assert {f"color({i})" for i in range(6)} <= styles
 
 
 def test_the_last_batch_shows_where_the_step_time_went():

@@ -1,21 +1,26 @@
 """The loss pane: training loss over steps, drawn in Unicode braille (2x4 dots a cell).
 
 It shows the selected adapter's curve against its whole run (x runs to ``total_steps``, so
-the curve fills in as the job trains), or every adapter together, one colour each, when
-``overlay`` is on. ``plot`` is a pure function of the points and the size, so the drawing is
-tested without a screen; the widget only re-renders when a curve gains points.
+the curve fills in as the job trains), or, when ``overlay`` is on, several adapters in one
+colour each: all of them when they are few, else the five best (``best_jobs``) and the
+selected one, with a legend cut to the pane's width. Eval losses are marked ``◆`` at their
+step. The y axis is linear or log (whole decades), optionally over an EMA of the losses,
+and spans only what is drawn. ``plot`` and ``legend`` are pure functions of their inputs,
+so the drawing is tested without a screen; the widget only re-renders when a shown curve
+changes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widget import Widget
 
-from mlora_tui.state import JobView
+from mlora_tui.state import JobView, best_jobs
 from mlora_tui.widgets import formatting as fmt
 
 # Bit of each dot in a braille cell, by [row][column] (Unicode's dot numbering).
@@ -23,6 +28,9 @@ _DOT_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 _BRAILLE = 0x2800
 _PALETTE = ("$primary", "$accent", "$success", "$warning", "$error", "$secondary",
             "bright_cyan", "bright_magenta")
+EVAL_MARK = "◆"
+BEST = 5                   # curves of the best jobs in the overlay, besides the selected one
+EMA_WEIGHT = 0.9           # each smoothed point keeps 90% of the last: about ten steps' memory
 
 
 @dataclass(frozen=True)
@@ -31,57 +39,116 @@ class Series:
     steps: Sequence[int]
     losses: Sequence[float]
     style: str
+    marks: Sequence[tuple[int, float]] = ()     # (step, eval loss) points
 
 
-def plot(series: Sequence[Series], width: int, height: int, x_max: int) -> list[Text]:
-    """Lines of text (``height`` of them, ``width`` cells wide) drawing every series from
-    step 0 to ``x_max``, with the loss range on the left and the step range below."""
-    points = [(s, [(x, y) for x, y in zip(s.steps, s.losses) if math.isfinite(y)])
-              for s in series]
-    values = [y for _, pts in points for _, y in pts]
-    rows = height - 1
-    if not values or rows < 2:
-        return [Text("no loss yet", style="dim", justify="center")] * min(height, 1)
+def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
+    """Exponential moving average, debiased (as TensorBoard's) so that the first points
+    are not pulled towards zero; non-finite values are skipped (kept as they are)."""
+    out, average, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            out.append(value)
+            continue
+        count += 1
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** count))
+    return out
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """The y axis: value to fraction of the height (0 top, 1 bottom), and its labels."""
+    to_unit: Callable[[float], float]
+    labels: list[tuple[float, str]]      # (fraction of the height, text)
+
+
+def _axis(values: list[float], log_scale: bool) -> _Axis:
+    if log_scale:
+        low = math.floor(math.log10(min(values)))
+        high = max(math.ceil(math.log10(max(values))), low + 1)
+        span = high - low
+        return _Axis(lambda v: (high - math.log10(v)) / span,
+                     [((high - d) / span, f"{10.0 ** d:g}") for d in range(high, low - 1, -1)])
     lo, hi = min(values), max(values)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    labels = [f"{hi:.3g}", f"{(lo + hi) / 2:.3g}", f"{lo:.3g}"]
-    margin = max(map(len, labels)) + 1
+    return _Axis(lambda v: (hi - v) / (hi - lo),
+                 [(0.0, f"{hi:.3g}"), (0.5, f"{(lo + hi) / 2:.3g}"), (1.0, f"{lo:.3g}")])
+
+
+def plot(series: Sequence[Series], width: int, height: int, x_max: int,
+         log_scale: bool = False) -> list[Text]:
+    """Lines of text (``height`` of them, ``width`` cells wide) drawing every series from
+    step 0 to ``x_max`` (eval marks on top), with the loss axis on the left (linear, or log
+    in whole decades) and the step range below. Only what is drawn sets the y range; a log
+    axis leaves out losses of 0 or below."""
+    def keep(y: float) -> bool:
+        return math.isfinite(y) and (y > 0 or not log_scale)
+
+    points = [[(x, y) for x, y in zip(s.steps, s.losses) if keep(y)] for s in series]
+    marks = [[(x, y) for x, y in s.marks if keep(y)] for s in series]
+    values = [y for pts in points + marks for _, y in pts]
+    rows = height - 1
+    if not values or rows < 2:
+        return [Text("no loss yet", style="dim", justify="center")] * min(height, 1)
+    axis = _axis(values, log_scale)
+    margin = max(len(text) for _, text in axis.labels) + 1
     cols = width - margin
     if cols < 4:
         return [Text(f"loss {values[-1]:.4g}")]
-    x_max = max(x_max, max(x for _, pts in points for x, _ in pts), 1)
+    x_max = max(x_max, max(x for pts in points + marks for x, _ in pts), 1)
     px_w, px_h = cols * 2, rows * 4
     bits = [[0] * cols for _ in range(rows)]
     owner = [[-1] * cols for _ in range(rows)]
 
-    def dot(x: int, y: int, index: int) -> None:
-        row, col = y // 4, x // 2
-        bits[row][col] |= _DOT_BITS[y % 4][x % 2]
-        owner[row][col] = index
+    def pixel(x: int, y: float) -> tuple[int, int]:
+        return round(x / x_max * (px_w - 1)), round(axis.to_unit(y) * (px_h - 1))
 
-    for index, (_, pts) in enumerate(points):
-        pixels = [(round(x / x_max * (px_w - 1)),
-                   round((hi - y) / (hi - lo) * (px_h - 1))) for x, y in pts]
-        _trace(pixels, lambda x, y: dot(x, y, index))
-
-    label_rows = {0: labels[0], rows // 2: labels[1], rows - 1: labels[2]}
-    lines = []
-    for row in range(rows):
-        line = Text(label_rows.get(row, "").rjust(margin - 1), style="dim")
-        line.append("┤" if row in label_rows else "│", style="dim")
-        for col in range(cols):
-            index = owner[row][col]
-            if index < 0:
-                line.append(" ")
-            else:
-                line.append(chr(_BRAILLE | bits[row][col]), style=series[index].style)
-        lines.append(line)
-    axis = Text(" " * (margin - 1) + "└", style="dim")
+    for index, pts in enumerate(points):
+        def dot(x: int, y: int, index=index) -> None:
+            bits[y // 4][x // 2] |= _DOT_BITS[y % 4][x % 2]
+            owner[y // 4][x // 2] = index
+        _trace([pixel(x, y) for x, y in pts], dot)
+    marked = {}
+    for index, pts in enumerate(marks):
+        for x, y in pts:
+            px, py = pixel(x, y)
+            marked[py // 4, px // 2] = index
+    label_rows: dict[int, str] = {}
+    for unit, text in axis.labels:     # a label whose row is taken (many decades) is left out
+        label_rows.setdefault(round(unit * (px_h - 1)) // 4, text)
+    lines = [_row(row, bits[row], owner[row], marked, series, label_rows.get(row), margin)
+             for row in range(rows)]
+    axis_line = Text(" " * (margin - 1) + "└", style="dim")
     left, right = "0", f"step {x_max}"
-    axis.append(left + right.rjust(cols - len(left)), style="dim")
-    lines.append(axis)
+    axis_line.append(left + right.rjust(cols - len(left)), style="dim")
+    lines.append(axis_line)
     return lines
+
+
+def _row(row: int, bits: list[int], owner: list[int], marked: dict, series: Sequence[Series],
+         label: str | None, margin: int) -> Text:
+    """One line of the plot; cells of one series in a run share one span (fewer segments
+    for Rich to render)."""
+    line = Text((label or "").rjust(margin - 1), style="dim")
+    line.append("│" if label is None else "┤", style="dim")
+    run, run_index = [], -1
+    for col, index in enumerate(owner):
+        mark = marked.get((row, col))
+        char = " "
+        if mark is not None:
+            index, char = mark, EVAL_MARK
+        elif index >= 0:
+            char = chr(_BRAILLE | bits[col])
+        if index != run_index and run:
+            line.append("".join(run), style=series[run_index].style if run_index >= 0 else "")
+            run = []
+        run_index = index
+        run.append(char)
+    if run:
+        line.append("".join(run), style=series[run_index].style if run_index >= 0 else "")
+    return line
 
 
 def _trace(pixels: list[tuple[int, int]], dot) -> None:
@@ -122,8 +189,46 @@ def _line(a: tuple[int, int], b: tuple[int, int], dot) -> None:
             y0 += sy
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` in ``width`` characters at most, cut in the middle: the names of a sweep's
+    jobs differ at their ends (``sweep-lr…r16``)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    head = width // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def legend(entries: Sequence[tuple[str, str, str]], width: int) -> Text:
+    """One line, ``width`` cells at most, naming each curve (``● name value``, the dot in
+    the curve's style): names are cut in the middle as far as needed (to 4 characters),
+    then the values go, then the entries that still do not fit become ``+N``."""
+    def build(name_width: int | None, values: bool, count: int) -> Text:
+        text = Text(no_wrap=True)
+        for name, value, style in entries[:count]:
+            text.append("● ", style=style)
+            text.append(name if name_width is None else shorten(name, name_width))
+            text.append(f" {value}  " if values and value else "  ")
+        if count < len(entries):
+            text.append(f"+{len(entries) - count}")
+        text.rstrip()
+        return text
+
+    longest = max((len(name) for name, _, _ in entries), default=0)
+    tries = [(None, True, len(entries))]
+    tries += [(w, True, len(entries)) for w in range(longest - 1, 3, -1)]
+    tries += [(4, False, count) for count in range(len(entries), -1, -1)]
+    for name_width, values, count in tries:
+        text = build(name_width, values, count)
+        if cell_len(text.plain) <= width:
+            return text
+    return Text()
+
+
 class LossChart(Widget):
-    """Loss of the selected adapter, or of all of them (``overlay``)."""
+    """Loss of the selected adapter, or of several (``overlay``); ``toggle_log_scale`` and
+    ``toggle_smoothing`` change how every curve is drawn."""
 
     DEFAULT_CSS = """
     LossChart {
@@ -134,6 +239,8 @@ class LossChart(Widget):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._jobs: list[JobView] = []
+        self._shown: list[JobView] = []
+        self._colours: dict[str, str] = {}
         self._selected: str | None = None
         self._overlay = False
         self._key: tuple | None = None
@@ -143,51 +250,90 @@ class LossChart(Widget):
     def toggle_log_scale(self) -> bool:
         """Switch the loss axis between linear and log (decades); returns the new setting."""
         self.log_scale = not self.log_scale
+        self._title()
         self.refresh()
         return self.log_scale
 
     def toggle_smoothing(self) -> bool:
         """Switch the curves between raw losses and their EMA; returns the new setting."""
         self.smoothing = not self.smoothing
+        self._title()
         self.refresh()
         return self.smoothing
 
     def show(self, jobs: list[JobView], selected: str | None, overlay: bool) -> None:
-        key = (overlay, selected, tuple((j.name, len(j.losses), j.total_steps, j.eval_loss)
-                                        for j in jobs))
+        shown = chosen_jobs(jobs, selected) if overlay else [
+            job for job in jobs if job.name == selected]
+        # Only the curves drawn decide whether to draw again: fifty jobs stepping cost
+        # nothing here while one is shown.
+        key = (overlay, selected, len(jobs) if overlay else 0,
+               tuple((j.name, len(j.losses), j.total_steps, j.loss, j.eval_loss,
+                      len(j.eval_points)) for j in shown))
         if key == self._key:
             return
         self._key = key
-        self._jobs, self._selected, self._overlay = list(jobs), selected, overlay
-        self.border_title = "Loss · all adapters" if overlay else f"Loss · {selected or '-'}"
+        self._jobs, self._shown = list(jobs), shown
+        self._selected, self._overlay = selected, overlay
+        # A job keeps its colour while the jobs fit the palette; past that, colours go by
+        # place among the curves drawn, so no two of them share one.
+        order = jobs if len(jobs) <= len(_PALETTE) else shown
+        self._colours = {job.name: _PALETTE[i % len(_PALETTE)] for i, job in enumerate(order)}
+        self._title()
         self.refresh()
 
-    def _styles(self) -> dict[str, str]:
-        variables = self.app.theme_variables
-        return {job.name: fmt.theme_style(_PALETTE[i % len(_PALETTE)], variables)
-                for i, job in enumerate(self._jobs)}
+    def _title(self) -> None:
+        if not self._overlay:
+            title = f"Loss · {self._selected or '-'}"
+        elif len(self._shown) >= len(self._jobs):
+            title = "Loss · all adapters"
+        else:
+            title = f"Loss · best {BEST} of {len(self._jobs)} and the selected"
+        flags = [flag for flag, on in (("log", self.log_scale), ("EMA", self.smoothing)) if on]
+        self.border_title = " · ".join([title, *flags])
 
     def render(self) -> Text:
         width, height = self.content_size
-        styles = self._styles()
+        variables = self.app.theme_variables
+        styles = {name: fmt.theme_style(colour, variables)
+                  for name, colour in self._colours.items()}
+        # The selected curve last, so it is drawn on top.
+        shown = sorted(self._shown, key=lambda job: job.name == self._selected)
+        series = [Series(job.name, job.loss_steps,
+                         ema(job.losses) if self.smoothing else job.losses,
+                         styles[job.name], job.eval_points) for job in shown]
         if self._overlay:
-            shown = [j for j in self._jobs if j.name != self._selected]
-            shown += [j for j in self._jobs if j.name == self._selected]   # on top
-            caption = Text(no_wrap=True, overflow="ellipsis")
-            for job in self._jobs:
-                caption.append("● ", style=styles[job.name])
-                caption.append(f"{job.name} {fmt.loss(job.loss)}  ")
+            caption = legend([(job.name, fmt.loss(_metric(job)), styles[job.name])
+                              for job in self._shown], width)
         else:
-            shown = [j for j in self._jobs if j.name == self._selected]
-            caption = Text(no_wrap=True, overflow="ellipsis")
-            if shown:
-                job = shown[0]
-                caption.append("● ", style=styles[job.name])
-                caption.append(f"{job.name}  {job.step}/{job.total_steps}  "
-                               f"loss {fmt.loss(job.loss)}")
-                if job.eval_loss is not None:
-                    caption.append(f"  eval {fmt.loss(job.eval_loss)}")
-        series = [Series(j.name, j.loss_steps, j.losses, styles[j.name]) for j in shown]
+            caption = self._caption(styles)
         x_max = max((j.total_steps for j in shown), default=1)
-        lines = plot(series, width, max(height - 1, 0), x_max)
+        lines = plot(series, width, max(height - 1, 0), x_max, self.log_scale)
         return Text("\n").join([*lines, caption]) if height > 1 else caption
+
+    def _caption(self, styles: dict[str, str]) -> Text:
+        caption = Text(no_wrap=True, overflow="ellipsis")
+        if self._shown:
+            job = self._shown[0]
+            caption.append("● ", style=styles[job.name])
+            caption.append(f"{job.name}  {job.step}/{job.total_steps}  "
+                           f"loss {fmt.loss(job.loss)}")
+            if job.eval_loss is not None:
+                caption.append(f"  {EVAL_MARK} ", style=styles[job.name])
+                caption.append(f"eval {fmt.loss(job.eval_loss)}")
+        return caption
+
+
+def chosen_jobs(jobs: Sequence[JobView], selected: str | None) -> list[JobView]:
+    """The overlay's curves: every job when they are few, else the ``BEST`` best and the
+    selected one (best first, the selected last when it is not among them)."""
+    if len(jobs) <= BEST + 1:
+        return list(jobs)
+    chosen = best_jobs(jobs, BEST)
+    names = {job.name for job in chosen}
+    chosen += [job for job in jobs if job.name == selected and job.name not in names]
+    return chosen
+
+
+def _metric(job: JobView) -> float | None:
+    """What the overlay ranks by, for its legend."""
+    return job.eval_loss if job.eval_loss is not None else job.loss
