@@ -27,7 +27,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Input, Tab, Tabs
 
 from engine.core.errors import UserError
 from engine.core.jobs import PAUSED, QUEUED, RUNNING
@@ -39,7 +39,8 @@ from mlora_tui.widgets.add_adapters import AddAdaptersScreen
 from mlora_tui.widgets.backend_pane import BackendPane
 from mlora_tui.widgets.confirm import ConfirmScreen
 from mlora_tui.widgets.help_screen import HelpScreen
-from mlora_tui.widgets.jobs_table import JobsTable
+from mlora_tui.widgets.jobs_table import LABELS, JobsTable
+from mlora_tui.widgets.key_footer import KeyFooter
 from mlora_tui.widgets.log_pane import LogPane
 from mlora_tui.widgets.loss_chart import LossChart
 from mlora_tui.widgets.status_bar import StatusBar
@@ -58,12 +59,16 @@ _JOB_ACTIONS = {
     "cancel_job": (QUEUED, RUNNING, PAUSED),
     "save": (RUNNING, PAUSED, QUEUED),
 }
+# The detail panes, in the order of their tabs and of the keys 1-4 that bring them up.
+PANES = (("loss", "Loss"), ("adapter", "Adapter"), ("backend", "Backend"), ("log", "Log"))
 
 
 class MonitorScreen(Screen):
     """Jobs, the selected adapter's settings and loss, the backend, and the log."""
 
     BINDINGS = [
+        # First, so that the footer keeps it when the terminal is too narrow for the rest.
+        Binding("question_mark", "app.help", "Help", id="help", tooltip="This list of keys"),
         Binding("p", "pause", "Pause", id="pause",
                 tooltip="Take the selected job out of the batch until resumed"),
         Binding("r", "resume", "Resume", id="resume",
@@ -80,6 +85,15 @@ class MonitorScreen(Screen):
                 tooltip="Show only the adapters whose name contains a text"),
         Binding("escape", "clear_filter", "Clear filter", show=False, id="clear-filter",
                 tooltip="Show every adapter again"),
+        Binding("o", "cycle_sort", "Sort", id="sort",
+                tooltip="Sort the jobs by the next column (added order after the last)"),
+        Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
+                tooltip="Loss chart: log or linear loss axis"),
+        Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
+                tooltip="Loss chart: smoothed (EMA) or raw losses"),
+        *(Binding(str(i), f"show_pane('{pane}')", title, show=False, id=f"pane-{pane}",
+                  tooltip=f"Show the {title.lower()} pane (a tab on a small terminal)")
+          for i, (pane, title) in enumerate(PANES, 1)),
     ]
 
     @dataclass
@@ -91,6 +105,7 @@ class MonitorScreen(Screen):
         self.selected: str | None = None
         self.overlay = False
         self.name_filter = ""
+        self.sort_column: str | None = None     # None: the order jobs were added in
         self.gpu_report: GpuReport | None = None
         self._drawn: tuple | None = None
         self._bindings_key: tuple | None = None
@@ -105,12 +120,15 @@ class MonitorScreen(Screen):
             yield Input(placeholder="filter adapters by name (enter keeps it, esc clears)",
                         id="filter")
             yield JobsTable(id="jobs")
+        # On a small terminal (app.tcss) the detail panes take turns below the jobs, one at
+        # a time, chosen with these tabs (or 1-4); on a large one they are all shown.
+        yield Tabs(*(Tab(title, id=f"tab-{pane}") for pane, title in PANES), id="pane-tabs")
         with Horizontal(id="middle"):
             yield LossChart(id="loss")
             yield AdapterPane(id="adapter")
             yield BackendPane(id="backend")
         yield LogPane(id="log")
-        yield Footer(compact=True)
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         # Looked up once: workers and timers must not query widgets (they may be gone).
@@ -122,6 +140,12 @@ class MonitorScreen(Screen):
         self.adapter_pane = self.query_one(AdapterPane)
         self.backend_pane = self.query_one(BackendPane)
         self.log_pane = self.query_one(LogPane)
+        self.middle = self.query_one("#middle", Horizontal)
+        self.pane_tabs = self.query_one(Tabs)
+        # Every pane takes the focus when clicked (its border lights up), so the mouse
+        # can pick what the arrow keys scroll.
+        self.loss_chart.can_focus = True
+        self.app.theme_changed_signal.subscribe(self, self._theme_changed)
         self.jobs_pane.border_title = "Jobs"
         self.backend_pane.border_title = "Backend"
         self.log_pane.border_title = "Log"
@@ -144,14 +168,15 @@ class MonitorScreen(Screen):
         if not self.is_current:
             return
         state = self.state
-        key = (state.version, self.gpu_report, self.selected, self.overlay, self.name_filter)
+        key = (state.version, self.gpu_report, self.selected, self.overlay, self.name_filter,
+               self.sort_column)
         if key == self._drawn and not force:
             return
         self._drawn = key
         with self.app.batch_update():
             self.status_bar.show(state, self.app.target_name)
             jobs = list(state.jobs.values())
-            self.jobs_table.reconcile(jobs, self.name_filter)
+            self.jobs_table.reconcile(jobs, self.name_filter, self.sort_column)
             if self.selected not in state.jobs:
                 self.selected = self.jobs_table.highlighted_job
             job = self.selected_job
@@ -160,8 +185,12 @@ class MonitorScreen(Screen):
             self.backend_pane.show(state.model, state.engine, state.resource, self.gpu_report,
                                    state.output_dir, state.last_batch)
             self.log_pane.sync(state)
-            self.jobs_pane.border_title = (f"Jobs · filter '{self.name_filter}'"
-                                           if self.name_filter else "Jobs")
+            title = "Jobs"
+            if self.sort_column:
+                title += f" · by {LABELS[self.sort_column]}"
+            if self.name_filter:
+                title += f" · filter '{self.name_filter}'"
+            self.jobs_pane.border_title = title
         bindings_key = (state.connection, state.stopped, job.state if job else None)
         if bindings_key != self._bindings_key:
             self._bindings_key = bindings_key
@@ -169,6 +198,12 @@ class MonitorScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.redraw()
+
+    def _theme_changed(self, _theme) -> None:
+        """Text drawn in Python carries the theme's colours: draw it all again."""
+        self.jobs_table.restyle()
+        self.log_pane.restyle()
+        self.redraw(force=True)
 
     @property
     def selected_job(self) -> JobView | None:
@@ -227,6 +262,36 @@ class MonitorScreen(Screen):
     def action_toggle_overlay(self) -> None:
         self.overlay = not self.overlay
         self.redraw()
+
+    def action_cycle_sort(self) -> None:
+        """The next shown column, then the order jobs were added in, then round again."""
+        order = [None, *self.jobs_table.shown_columns]
+        at = order.index(self.sort_column) if self.sort_column in order else 0
+        self.sort_column = order[(at + 1) % len(order)]
+        self.redraw()
+
+    @on(JobsTable.SortChosen)
+    def _sort_chosen(self, message: JobsTable.SortChosen) -> None:
+        self.sort_column = message.column
+        self.redraw()
+
+    def action_log_scale(self) -> None:
+        self.loss_chart.toggle_log_scale()
+
+    def action_smoothing(self) -> None:
+        self.loss_chart.toggle_smoothing()
+
+    def action_show_pane(self, pane: str) -> None:
+        """Bring up a detail pane (its tab on a small terminal) and give it the focus."""
+        self.pane_tabs.active = f"tab-{pane}"
+        self.query_one(f"#{pane}").focus()
+
+    @on(Tabs.TabActivated, "#pane-tabs")
+    def _tab_activated(self, event: Tabs.TabActivated) -> None:
+        shown = event.tab.id.removeprefix("tab-")
+        for pane, _ in PANES:
+            self.query_one(f"#{pane}").set_class(pane != shown, "-tab-hidden")
+        self.middle.set_class(shown == "log", "-tab-hidden")
 
     def action_filter(self) -> None:
         self.filter_input.display = True
@@ -345,7 +410,9 @@ class MloraApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "mlora-tui"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (130, "-wide")]
+    # Below 100 columns or 30 lines the screen changes shape (app.tcss: "-small", "-short").
+    HORIZONTAL_BREAKPOINTS = [(0, "-small"), (100, "-narrow"), (130, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
         Binding("q", "detach", "Quit", id="quit",
                 tooltip="Leave the TUI; the engine trains on"),
@@ -353,7 +420,6 @@ class MloraApp(App):
                 tooltip="Leave the TUI; the engine trains on"),
         Binding("S", "stop_engine", "Stop", id="stop",
                 tooltip="Stop the engine: checkpoint every unfinished job, exit (asks first)"),
-        Binding("question_mark", "help", "Help", id="help", tooltip="This list of keys"),
         Binding("ctrl+p", "command_palette", "Palette", show=False, id="palette",
                 tooltip="Every command, searchable"),
     ]
@@ -483,6 +549,9 @@ class MloraApp(App):
             ("add", "Add adapters", "add jobs from a TOML file of [[adapter]] tables"),
             ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
             ("filter", "Filter jobs", "show only adapters whose name contains a text"),
+            ("cycle_sort", "Sort jobs by the next column", "added order after the last"),
+            ("log_scale", "Toggle the loss chart's log scale", "log or linear loss axis"),
+            ("smoothing", "Toggle loss smoothing", "smoothed (EMA) or raw losses"),
         ]
         for action, title, help_text in commands:
             if screen.check_action(action, ()):

@@ -9,6 +9,7 @@ separate client asking the engine, never only by what the TUI shows.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from textual.command import CommandPalette
 from engine.core.runtime import EngineRecord
 
 from mlora_tui.app import MloraApp
+from mlora_tui.gpu import NO_GPU
 from mlora_tui.launcher import ensure_engine
 from mlora_tui.state import CONNECTED, DISCONNECTED
 from mlora_tui.widgets.add_adapters import AddAdaptersScreen
 from mlora_tui.widgets.confirm import ConfirmScreen
 from mlora_tui.widgets.help_screen import HelpScreen
+from mlora_tui.widgets.jobs_table import COLUMNS, DROP_ORDER, JobsTable
 from tiny_models import tiny_model_dir
 from tui_engine import (adapter_table, engine_env, private_runtime_dir, stop_engine, until,
                         until_job, write_run)
-from tui_recorded import FixedGpus
+from tui_recorded import FixedGpus, recorded_state
 
 JOBS = {"watch": {}, "pauseme": {"r": 2, "use_rslora": True}, "cancelme": {"use_dora": True}}
 
@@ -303,4 +306,222 @@ def test_quit_leaves_the_engine_and_stop_ends_it_then_the_tui_finds_the_next_one
                 await pilot.press("q")
                 await asyncio.to_thread(stop_engine, second)
         assert app.return_code == 0
+    asyncio.run(scenario())
+
+
+# -- layout, sorting, mouse and colours, on a recorded state (no engine) ----------------
+
+def recorded_app(gpus=NO_GPU) -> MloraApp:
+    return MloraApp(state=recorded_state(), gpu_sampler=FixedGpus(gpus))
+
+
+def shown_columns(app: MloraApp) -> list[str]:
+    return [column.key.value for column in app.screen.jobs_table.ordered_columns
+            if column.width]
+
+
+def row_order(app: MloraApp) -> list[str]:
+    return [row.key.value for row in app.screen.jobs_table.ordered_rows]
+
+
+def test_columns_drop_by_priority_and_the_screen_changes_shape_when_small():
+    every = [key for key, *_ in COLUMNS]
+    kept = ["name", "state", "step", "loss", "eval_loss", "eta"]
+
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(200, 60)) as pilot:
+            await pilot.pause()
+            screen = app.screen
+            assert shown_columns(app) == every
+            assert not screen.has_class("-small") and not screen.pane_tabs.display
+            # Every detail pane side by side.
+            assert all(pane.region.height > 0 for pane in (screen.loss_chart, screen.adapter_pane,
+                                                           screen.backend_pane, screen.log_pane))
+            for width, gone in ((100, []), (90, ["lr", "tokens_per_s"]),
+                                (80, ["lr", "tokens_per_s", "r", "variant"]),
+                                (60, list(DROP_ORDER))):
+                await pilot.resize_terminal(width, 40)
+                await pilot.pause()
+                assert shown_columns(app) == [key for key in every if key not in gone], width
+            assert set(kept) <= set(shown_columns(app))
+            # The table kept its keys: cells are still found by column key.
+            assert cell(app, "uppercase", "lr") == "7.5e-04"
+            await pilot.resize_terminal(80, 24)
+            await pilot.pause()
+            assert screen.has_class("-small") and screen.pane_tabs.display
+            # One detail pane at a time, at full width, chosen by tab or by 1-4.
+            assert screen.loss_chart.region.width == 80 and not screen.log_pane.display
+            await pilot.press("4")
+            await pilot.pause()
+            assert screen.log_pane.display and screen.log_pane.region.width == 80
+            assert not screen.loss_chart.display and app.focused is screen.log_pane
+            await pilot.click("#tab-backend")
+            await pilot.pause()
+            assert screen.backend_pane.display and not screen.log_pane.display
+            await pilot.resize_terminal(160, 24)            # wide but short: small too
+            await pilot.pause()
+            assert screen.has_class("-short") and screen.pane_tabs.display
+            await pilot.resize_terminal(160, 45)
+            await pilot.pause()
+            assert screen.log_pane.display and screen.loss_chart.display
+    asyncio.run(scenario())
+
+
+def test_paths_are_shortened_in_the_middle():
+    from mlora_tui.widgets.formatting import shorten_middle
+
+    path = "/home/someone/work/configs/data/uppercase.jsonl"
+    assert shorten_middle(path, 60) == path
+    assert shorten_middle(path, 30) == "…/configs/data/uppercase.jsonl"
+    assert shorten_middle(path, 20) == "…/uppercase.jsonl"
+    assert shorten_middle(path, 10) == "…ase.jsonl"
+    assert shorten_middle("abcdefghij", 5) == "ab…ij"
+
+
+def test_o_cycles_the_sort_column_and_the_cursor_stays_on_its_job():
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(160, 45)) as pilot:
+            await pilot.pause()
+            screen = app.screen
+            assert row_order(app) == ["uppercase", "sentiment", "extract_json"]
+            await pilot.press("down")
+            assert screen.selected == "sentiment"
+            await pilot.press("o")                  # by name
+            await pilot.pause()
+            assert row_order(app) == ["extract_json", "sentiment", "uppercase"]
+            assert screen.jobs_table.highlighted_job == "sentiment" == screen.selected
+            assert screen.jobs_pane.border_title == "Jobs · by adapter"
+            seen = {}
+            for _ in range(len(COLUMNS)):
+                await pilot.press("o")
+                await pilot.pause()
+                seen[screen.sort_column] = row_order(app)
+                assert screen.selected == "sentiment"
+            # Running jobs first, then paused; losses ascending; unknown values last.
+            assert seen["state"] == ["uppercase", "sentiment", "extract_json"]
+            assert seen["loss"] == ["sentiment", "uppercase", "extract_json"]
+            assert seen["eval_loss"][0] == "uppercase"
+            assert seen["eta"] == ["sentiment", "uppercase", "extract_json"]
+            assert screen.sort_column is None           # round again: the added order
+            assert row_order(app) == ["uppercase", "sentiment", "extract_json"]
+            # Clicking a column's header sorts by it.
+            table = screen.jobs_table
+            x = sum(column.width for column in table.ordered_columns[:6]) + 2
+            assert table.ordered_columns[6].key.value == "loss"
+            await pilot.click(JobsTable, offset=(x, 0))
+            await pilot.pause()
+            assert screen.sort_column == "loss" and row_order(app)[0] == "sentiment"
+    asyncio.run(scenario())
+
+
+def test_clicking_a_row_selects_its_job_and_clicking_a_pane_focuses_it():
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(160, 45)) as pilot:
+            await pilot.pause()
+            screen = app.screen
+            await pilot.click(JobsTable, offset=(4, 3))    # the header, then rows
+            await pilot.pause()
+            assert screen.selected == "extract_json"
+            assert screen.adapter_pane.border_title == "Adapter extract_json"
+            for pane in (screen.backend_pane, screen.loss_chart, screen.adapter_pane,
+                         screen.log_pane):
+                await pilot.click(f"#{pane.id}", offset=(3, 2))
+                await pilot.pause()
+                assert pane.has_focus_within if pane is screen.adapter_pane else \
+                    app.focused is pane, pane.id
+            # Job keys still act on the selected job while a pane has the focus.
+            assert screen.active_bindings["p"].enabled is False     # it is paused
+            assert screen.active_bindings["r"].enabled
+    asyncio.run(scenario())
+
+
+def test_l_and_e_toggle_the_charts_log_scale_and_smoothing():
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            chart = app.screen.loss_chart
+            assert not chart.log_scale and not chart.smoothing
+            await pilot.press("L", "E")
+            assert chart.log_scale and chart.smoothing
+            await pilot.press("L")
+            assert not chart.log_scale and chart.smoothing
+    asyncio.run(scenario())
+
+
+def _ansi(app: MloraApp, color_system: str) -> str:
+    """The screen as a terminal of ``color_system`` receives it, after the app's filters
+    (NO_COLOR's among them)."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.segment import Segments
+    from textual.color import Color
+
+    console = Console(file=StringIO(), force_terminal=True, color_system=color_system,
+                      width=app.size.width, legacy_windows=False)
+    for strip in app.screen._compositor.render_strips():
+        for line_filter in app._filters:
+            strip = strip.apply_filter(line_filter, Color(0, 0, 0))
+        console.print(Segments(list(strip)))
+    return console.file.getvalue()
+
+
+@pytest.mark.parametrize("setting", ["256", "no_color"])
+def test_renders_in_256_colours_and_with_no_color(monkeypatch, setting):
+    if setting == "no_color":
+        monkeypatch.setenv("NO_COLOR", "1")
+
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.3)
+            app.screen.redraw(force=True)
+            await pilot.pause()
+            out = _ansi(app, "256" if setting == "256" else "truecolor")
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+            # What colour says, words say too: every state, and whether it is live.
+            for word in ("running", "paused", "● live", "uppercase", "extract_json"):
+                assert word in plain
+            if setting == "256":
+                assert "38;5;" in out and "38;2;" not in out and "48;2;" not in out
+            else:
+                assert app.no_color
+                colours = re.findall(r"[34]8;2;(\d+);(\d+);(\d+)", out)
+                assert all(r == g == b for r, g, b in colours)      # greys at most
+                assert not re.search(r"[34]8;5;", out)
+                # The job under the cursor still stands out: in bold.
+                assert re.search(r"\x1b\[1m uppercase", out)
+    asyncio.run(scenario())
+
+
+def test_a_theme_switch_redraws_every_pane_in_the_new_palette():
+    from textual.color import Color
+
+    async def scenario():
+        app = recorded_app()
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+
+            def state_colour() -> str:
+                cell = app.screen.jobs_table.get_cell("uppercase", "state")
+                return str(cell.spans[0].style).lower()
+
+            assert app.theme_variables["success"].lower() in state_colour()
+            before = app.theme_variables["success"].lower()
+            # A light and a dark theme, each with a "success" colour of its own.
+            for theme in ("solarized-light", "nord"):
+                app.theme = theme
+                await pilot.pause(0.3)
+                success = app.theme_variables["success"].lower()
+                assert success != before and success in state_colour(), theme
+                before = success
+                # "● live" in the status line, drawn in Python from the theme's colours.
+                r, g, b = Color.parse(success).rgb
+                status_line = _ansi(app, "truecolor").splitlines()[0]
+                assert re.search(rf"38;2;{r};{g};{b}[;0-9]*m● live", status_line), theme
+                assert app.screen.log_pane.lines        # written again, not lost
     asyncio.run(scenario())

@@ -1,4 +1,5 @@
-"""The TUI's layout at two terminal sizes, fed from a recorded engine state (no engine,
+"""The TUI's layout at the four terminal sizes of the issue (80x24, 100x30, 120x40,
+200x60) and more, fed from a recorded engine state (no engine,
 fixed times, fixed GPU readings), so the snapshots change only when the layout does.
 
 Update them after a deliberate layout change with
@@ -34,6 +35,49 @@ async def _settled(pilot) -> None:
         await pilot.pause(0.02)
     screen.redraw()
     await pilot.pause()
+
+
+def _long_paths(state):
+    """The demo as a user runs it: absolute data paths, a packed run."""
+    for job in state.jobs.values():
+        job.adapter["data"] = f"/home/someone/projects/mlora-tui/configs/data/{job.name}.jsonl"
+    state.model["packing"] = True
+    return state
+
+
+def test_layout_80x24_jobs_full_width_and_the_chart_under_tabs(snap_compare):
+    app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus(NO_GPU))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_settled)
+
+
+def test_layout_80x24_adapter_tab_shortens_paths_in_the_middle(snap_compare):
+    async def run_before(pilot):
+        await _settled(pilot)
+        await pilot.press("2")
+        await _settled(pilot)
+
+    app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus(NO_GPU))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_layout_80x24_backend_tab(snap_compare):
+    async def run_before(pilot):
+        await _settled(pilot)
+        await pilot.press("3")
+        await _settled(pilot)
+
+    app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_layout_120x40_with_two_gpus(snap_compare):
+    app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
+    assert snap_compare(app, terminal_size=(120, 40), run_before=_settled)
+
+
+def test_layout_200x60_with_two_gpus(snap_compare):
+    app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
+    assert snap_compare(app, terminal_size=(200, 60), run_before=_settled)
 
 
 def test_layout_100x30_without_gpu(snap_compare):

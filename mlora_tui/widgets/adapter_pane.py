@@ -28,7 +28,10 @@ _UNSET = {
 }
 
 
-def _value(name: str, value: Any, job: JobView) -> Text:
+def _value(name: str, value: Any, job: JobView, width: int) -> Text:
+    if isinstance(value, str) and "/" in value:
+        # A path: its end says the most, and a path folded a character a line says nothing.
+        return Text(fmt.shorten_middle(value, width), no_wrap=True)
     if name == "target_modules" and value is None and job.targets:
         return Text(", ".join(job.targets))
     if value is None or value == "":
@@ -59,14 +62,20 @@ class AdapterPane(VerticalScroll):
         super().__init__(**kwargs)
         self._body = Static("no adapter selected")
         self._shown: tuple | None = None
+        self._job: JobView | None = None
 
     def compose(self):
         yield self._body
 
+    def on_resize(self) -> None:
+        self.show(self._job)    # paths are shortened to the width
+
     def show(self, job: JobView | None) -> None:
+        self._job = job
+        width = self.scrollable_content_region.width
         key = None if job is None else (job.name, job.variant, repr(job.adapter),
                                         tuple(job.targets), job.train_examples,
-                                        job.val_examples, job.reason)
+                                        job.val_examples, job.reason, width)
         if key == self._shown:
             return
         self._shown = key
@@ -75,12 +84,14 @@ class AdapterPane(VerticalScroll):
             self._body.update(Text("no adapter selected", style="dim"))
             return
         table = Table.grid(padding=(0, 1))
+        names = [name for name in job.adapter if name != "name"]
+        value_width = max(width - 1 - max(map(len, ["examples", *names])), 8)
         table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
+        # Words wrap whole (a list of modules); a word too long for the pane is cut short.
+        table.add_column(overflow="ellipsis")
         table.add_row("variant", Text(job.variant))
-        for name, value in job.adapter.items():
-            if name != "name":
-                table.add_row(name, _value(name, value, job))
+        for name in names:
+            table.add_row(name, _value(name, job.adapter[name], job, value_width))
         table.add_row("examples", Text(f"{fmt.count(job.train_examples)} train, "
                                        f"{fmt.count(job.val_examples)} validation"))
         if job.reason:

@@ -35,6 +35,8 @@ def _memory(used: int | None, total: int | None) -> str:
     return fmt.size(used) + (f" / {fmt.size(total)}" if total else "")
 
 
+_KEY_WIDTH = len("dev memory")   # the longest key: the value column starts after it
+
 _PHASES = (("data", "data"), ("forward", "fwd"), ("backward", "bwd"),
            ("optimizer", "opt"), ("events", "events"), ("checkpoint", "ckpt"))
 
@@ -74,6 +76,8 @@ def phase_shares(seconds: dict[str, float]) -> str:
 class BackendPane(Static):
     """Device, precision and attention of the base model; engine process and GPU usage."""
 
+    can_focus = True    # a click focuses it, and the arrow keys then scroll it
+
     DEFAULT_CSS = """
     BackendPane {
         background: $surface;
@@ -86,22 +90,37 @@ class BackendPane(Static):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._shown: tuple | None = None
+        self._args: tuple = ({}, {}, None, None)
+
+    def on_resize(self) -> None:
+        self.show(*self._args)      # what fits on a line depends on the width
 
     def show(self, model: dict[str, Any], engine: dict[str, Any],
              resource: dict[str, Any] | None, gpus: GpuReport | None,
              output_dir: str | None = None, batch: dict[str, Any] | None = None) -> None:
-        key = (repr(model), engine.get("pid"), repr(resource), gpus, output_dir, repr(batch))
+        self._args = (model, engine, resource, gpus, output_dir, batch)
+        width = self.scrollable_content_region.width - _KEY_WIDTH - 1
+        key = (repr(model), engine.get("pid"), repr(resource), gpus, output_dir, repr(batch),
+               width)
         if key == self._shown:
             return
         self._shown = key
         table = Table.grid(padding=(0, 1))
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
+        table.add_column(style="bold", no_wrap=True, min_width=_KEY_WIDTH)
+        # Values wrap between words ("41.0 GiB /" then "141.0 GiB"); a word too long for
+        # the pane is cut short rather than folded a character a line.
+        table.add_column(overflow="ellipsis")
         device = model.get("device")
         kind = device.split(":")[0] if device else None
         table.add_row("device", Text(f"{device} ({kind})" if device else fmt.DASH))
         table.add_row("dtype", Text(model.get("dtype") or fmt.DASH))
-        table.add_row("attention", Text(attention_text(model)))
+        attention = attention_text(model)
+        if len(attention) <= width or not model.get("packing"):
+            table.add_row("attention", Text(attention, no_wrap=True, overflow="ellipsis"))
+        else:   # two rows rather than "sequences packed" wrapped over three lines
+            table.add_row("attention", Text(model.get("attn_impl") or fmt.DASH))
+            table.add_row("packing", Text("sequences packed", no_wrap=True,
+                                          overflow="ellipsis"))
         table.add_row("quantize", Text(model.get("quantize") or "none"))
         if model.get("model_type"):
             table.add_row("model", Text(f"{model['model_type']}, "
@@ -128,5 +147,6 @@ class BackendPane(Static):
             table.add_row("last step", Text(step_summary(batch)))
             table.add_row("  time in", Text(phase_shares(batch.get("seconds") or {})))
         if output_dir:
-            table.add_row("output", Text(output_dir))
+            table.add_row("output", Text(fmt.shorten_middle(output_dir, max(width, 8)),
+                                         no_wrap=True))
         self.update(table)

@@ -92,3 +92,28 @@ def theme_style(spec: str, variables: Mapping[str, str]) -> str:
     """A Rich style from a spec that may name theme colours (``bold $warning``), so text
     drawn in Python follows the theme as CSS does."""
     return _VARIABLE.sub(lambda m: variables.get(m.group(1), "default"), spec)
+
+
+ELLIPSIS = "…"
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` cells: a path keeps its last parts whole
+    (``…/configs/data/uppercase.jsonl``), since the file name and its folders say the most;
+    any other text keeps its start and its end."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    if "/" in text:
+        parts = text.split("/")
+        tail = parts[-1]
+        for part in reversed(parts[1:-1]):
+            if len(tail) + len(part) + 3 > width:     # "…/" + part + "/"
+                break
+            tail = f"{part}/{tail}"
+        if len(tail) + 2 <= width:
+            return f"{ELLIPSIS}/{tail}"
+        return ELLIPSIS + text[len(text) - width + 1:]
+    head = (width - 1) // 2
+    return text[:head] + ELLIPSIS + text[len(text) - (width - 1 - head):]

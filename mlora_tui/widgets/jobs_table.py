@@ -13,9 +13,10 @@ from typing import Iterable
 
 from rich.text import Text
 from textual.message import Message
+from textual.strip import Strip
 from textual.widgets import DataTable
 
-from engine.core.jobs import RUNNING
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
 from mlora_tui.state import JobView
 from mlora_tui.widgets import formatting as fmt
 
@@ -37,6 +38,49 @@ COLUMNS = (
     ("eta", "ETA", 7, True),
 )
 _RIGHT = {key for key, _, _, right in COLUMNS if right}
+_WIDTH = {key: width for key, _, width, _ in COLUMNS}
+LABELS = {key: label for key, label, _, _ in COLUMNS}
+# Columns given up first when the terminal is narrow; name, state, step, loss, eval and ETA
+# always stay (the table scrolls sideways below their width).
+DROP_ORDER = ("lr", "tokens_per_s", "r", "variant", "epoch")
+NAME_MAX = 32       # the name column grows up to this when there is room to spare
+# Sorted by state: what is happening now first, how jobs ended last.
+_STATE_ORDER = {state: i for i, state in enumerate(
+    (RUNNING, QUEUED, PAUSED, DONE, FAILED, CANCELLED))}
+
+
+def visible_columns(width: int) -> list[str]:
+    """The keys of the columns that fit in ``width`` cells, in table order."""
+    hidden: set[str] = set()
+    for key in (None, *DROP_ORDER):
+        if key:
+            hidden.add(key)
+        if sum(_WIDTH[k] + 1 for k in _WIDTH if k not in hidden) <= width:
+            break
+    return [key for key in _WIDTH if key not in hidden]
+
+
+def _last(value) -> tuple:
+    """Unknown values sort after every known one."""
+    return (value is None, value if value is not None else 0)
+
+
+def sort_key(column: str, job: JobView) -> tuple:
+    """How a job ranks when the table is sorted by ``column`` (ascending)."""
+    running = job.state == RUNNING
+    return {
+        "name": lambda: (job.name.lower(),),
+        "variant": lambda: (job.variant, job.name),
+        "r": lambda: _last(job.r),
+        "state": lambda: (_STATE_ORDER.get(job.state, len(_STATE_ORDER)),),
+        "step": lambda: (job.step,),
+        "epoch": lambda: _last(job.epoch),
+        "loss": lambda: _last(job.loss),
+        "eval_loss": lambda: _last(job.eval_loss),
+        "lr": lambda: _last(job.lr),
+        "tokens_per_s": lambda: _last(job.tokens_per_s if running else None),
+        "eta": lambda: _last(job.eta_s if running else None),
+    }[column]()
 
 
 def row_cells(job: JobView) -> dict[str, str]:
@@ -73,17 +117,50 @@ class JobsTable(DataTable):
     class JobHighlighted(Message):
         name: str | None
 
+    @dataclass
+    class SortChosen(Message):
+        """A column header was clicked: sort by that column."""
+        column: str
+
     def __init__(self, **kwargs):
         super().__init__(cursor_type="row", zebra_stripes=True, cell_padding=0, **kwargs)
         self._shown: dict[str, dict[str, str]] = {}
+        self.shown_columns: list[str] = [key for key, *_ in COLUMNS]
 
     def on_mount(self) -> None:
         for key, label, width, _ in COLUMNS:
             self.add_column(self._cell(key, label, {}), width=width + 1, key=key)
 
-    def reconcile(self, jobs: Iterable[JobView], name_filter: str = "") -> None:
-        """Make the rows match ``jobs`` (those whose name contains ``name_filter``)."""
+    def on_resize(self) -> None:
+        self._fit()
+
+    def _fit(self) -> None:
+        """Hide the columns that do not fit (width 0: keys and order stay), and give the
+        name column the room left over, up to the longest name."""
+        width = self.size.width - 1         # a cell for the vertical scroll bar
+        self.shown_columns = visible_columns(width)
+        spare = width - sum(_WIDTH[key] + 1 for key in self.shown_columns)
+        longest = max(map(len, self._shown), default=0)
+        name_width = _WIDTH["name"] + max(0, min(spare, longest - _WIDTH["name"],
+                                                 NAME_MAX - _WIDTH["name"]))
+        changed = False
+        for key, column in self.columns.items():
+            wanted = 0 if key.value not in self.shown_columns else (
+                name_width if key.value == "name" else _WIDTH[key.value]) + 1
+            if column.width != wanted:
+                column.width = wanted
+                changed = True
+        if changed:
+            self._require_update_dimensions = True
+            self.refresh()
+
+    def reconcile(self, jobs: Iterable[JobView], name_filter: str = "",
+                  sort: str | None = None) -> None:
+        """Make the rows match ``jobs`` (those whose name contains ``name_filter``), in
+        their order or sorted by the column ``sort``."""
         wanted = [job for job in jobs if name_filter.lower() in job.name.lower()]
+        if sort is not None:
+            wanted.sort(key=lambda job: sort_key(sort, job))
         names = [job.name for job in wanted]
         keep = set(names)
         for gone in [name for name in self._shown if name not in keep]:
@@ -103,10 +180,21 @@ class JobsTable(DataTable):
                     if shown[key] != text:
                         self.update_cell(job.name, key, self._cell(key, text, variables))
             self._shown[job.name] = cells
-        if added and [row.key.value for row in self.ordered_rows] != names:
-            # A row shown again after a filter change goes back to its place.
+        if added:
+            self._fit()     # a longer name may widen its column
+        if [row.key.value for row in self.ordered_rows] != names:
+            # A row shown again after a filter change goes back to its place; a sorted
+            # table follows its values. The cursor stays on its job, not on its row index.
+            current = self.highlighted_job
             position = {name: i for i, name in enumerate(names)}
             self.sort("name", key=lambda cell: position[cell.plain.strip()])
+            if current is not None:
+                self.move_cursor(row=self.get_row_index(current), scroll=False)
+
+    def restyle(self) -> None:
+        """Draw every cell again at the next reconcile (the theme's colours changed)."""
+        for cells in self._shown.values():
+            cells["state"] = ""
 
     @staticmethod
     def _cell(key: str, text: str, variables) -> Text:
@@ -116,6 +204,12 @@ class JobsTable(DataTable):
         cell = Text(" ", no_wrap=True, overflow="ellipsis")
         cell.append(text, style=style)
         return cell
+
+    def render_line(self, y: int) -> Strip:
+        # A hidden column (width 0) leaves an empty segment without a style, which Textual's
+        # NO_COLOR filter cannot take: drop those.
+        strip = super().render_line(y)
+        return Strip([segment for segment in strip if segment.text], strip.cell_length)
 
     @property
     def highlighted_job(self) -> str | None:
@@ -127,6 +221,10 @@ class JobsTable(DataTable):
     def select_job(self, name: str) -> None:
         if name in self._shown:
             self.move_cursor(row=self.get_row_index(name))
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        event.stop()
+        self.post_message(self.SortChosen(event.column_key.value))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         event.stop()

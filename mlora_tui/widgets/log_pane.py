@@ -42,9 +42,16 @@ class LogPane(RichLog):
             self.write(self._format(line, variables), width=width)
         self._seen = state.log_count
 
+    def restyle(self) -> None:
+        """Write every line again (the theme's colours changed)."""
+        self.clear()
+        self._seen = 0
+
     def on_resize(self) -> None:
         if self._state is not None:
             self.sync(self._state)
+            # Shown again (a tab on a small terminal): the newest lines, not the oldest.
+            self.scroll_end(animate=False, immediate=False, x_axis=False)
 
     @staticmethod
     def _format(line: LogLine, variables) -> Text:

@@ -31,8 +31,11 @@ class StatusBar(Static):
 
     def show(self, state: EngineState, target: str | None = None) -> None:
         variables = self.app.theme_variables
+        # Under 100 columns the app's name and the pid give way to the job counts.
+        wide = self.size.width >= 98 or not self.size.width
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append("mlora-tui  ", style="bold")
+        if wide:
+            text.append("mlora-tui  ", style="bold")
         # Whether the screen is live comes first: it must survive a narrow terminal.
         if state.connection == CONNECTED:
             text.append("● live", style=fmt.theme_style("bold $success", variables))
@@ -52,7 +55,7 @@ class StatusBar(Static):
         name = state.engine.get("name") or target
         if name:
             text.append(f"  engine {name}")
-            if state.engine.get("pid"):
+            if state.engine.get("pid") and wide:
                 text.append(f" (pid {state.engine['pid']})", style="dim")
         counts = Counter(job.state for job in state.jobs.values())
         if counts:
