@@ -115,3 +115,38 @@ def test_fifty_jobs_redraw_a_frame_in_under_50_ms():
         assert median < BUDGET_S * MARGIN, (view, times)
         if overlay:
             assert title.startswith("Loss · best 5 of 50"), title
+
+
+def test_the_charts_toggles_redraw_it_and_every_line_fits_the_pane():
+    async def scenario() -> None:
+        state, _ = fifty_jobs()
+        app = MloraApp(state=state, gpu_sampler=FixedGpus(NO_GPU))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            chart = app.screen.loss_chart
+            width = chart.content_size.width
+            selected = app.screen.selected
+            assert chart.border_title == f"Loss · {selected}"
+            caption = chart.render().plain.split("\n")[-1]
+            assert caption.startswith(f"● {selected}") and "◆" in caption
+            assert chart.toggle_log_scale() is True and chart.toggle_smoothing() is True
+            await pilot.pause()
+            assert chart.border_title == f"Loss · {selected} · log · EMA"
+            lines = chart.render().plain.split("\n")
+            labels = [line.split("┤")[0].strip() for line in lines if "┤" in line]
+            assert labels == ["10", "1", "0.1"]         # losses from 2.7 down to 0.2
+            app.screen.action_toggle_overlay()
+            await pilot.pause()
+            assert chart.border_title == "Loss · best 5 of 50 and the selected · log · EMA"
+            lines = chart.render().plain.split("\n")
+            assert all(len(line) <= width for line in lines)
+            # sweep-00 has the highest losses but is selected; the five best are those
+            # with the lowest eval loss.
+            best = [job.name for job in sorted(state.jobs.values(),
+                                               key=lambda job: job.eval_loss)[:5]]
+            assert [name for name in best + ["sweep-00"]
+                    if name in " ".join(lines[-2:])] == best + ["sweep-00"]
+            chart.toggle_log_scale()
+            await pilot.pause()
+            assert chart.border_title.endswith("the selected · EMA")
+    asyncio.run(scenario())

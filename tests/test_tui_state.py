@@ -386,18 +386,30 @@ def test_the_overlay_draws_every_job_when_few_else_the_five_best_and_the_selecte
 def test_the_legend_fits_any_width_cutting_names_then_values_then_entries():
     names = [f"sweep-lr{i}e-4-rank-{r}" for i, r in zip(range(1, 7), (4, 8, 16, 32, 64, 8))]
     entries = [(name, f"0.{i}123", f"color({i})") for i, name in enumerate(names)]
-    full = legend(entries, 200).plain
-    assert full.startswith("● sweep-lr1e-4-rank-4 0.0123  ● sweep-lr2e-4-rank-8 0.1123")
-    for width in range(0, 200):
-        assert len(legend(entries, width).plain) <= width, width
-    # At 100 columns every entry stays, names cut in the middle so their ends still differ.
-    middle = legend(entries, 100).plain
-    assert middle.count("●") == 6 and "…" in middle and "0.5123" in middle
+
+    def plain(width, lines=1):
+        return [line.plain for line in legend(entries, width, lines)]
+
+    assert plain(200)[0].startswith("● sweep-lr1e-4-rank-4 0.0123  ● sweep-lr2e-4-rank-8 0.1123")
+    for lines in (1, 2):
+        for width in range(0, 200):
+            assert len(legend(entries, width, lines)) <= lines, (width, lines)
+            assert all(len(line) <= width for line in plain(width, lines)), (width, lines)
+    # At 100 columns every entry stays, names cut where they do not differ: the start they
+    # share, then the middle.
+    middle = plain(100)[0]
+    assert middle.startswith("● …1e…-4 0.0123  ● …2e…-8 0.1123  ● …3e…16 0.2123")
+    assert middle.count("●") == 6 and "0.5123" in middle
     assert shorten("sweep-lr1e-4-rank-4", 9) == "swee…nk-4"
     # Narrower: the values go, then entries, counted at the end.
-    narrow = legend(entries, 30).plain
+    narrow = plain(30)[0]
     assert "0.0123" not in narrow and narrow.endswith(f"+{6 - narrow.count('●')}")
-    styles = {str(span.style) for span in legend(entries, 100).spans}
+    # Two lines hold what one cannot: at 90 columns, every whole name with its value.
+    assert "…" in plain(90)[0]
+    two = plain(90, 2)
+    assert len(two) == 2 and "".join(two).count("●") == 6 and "0.5123" in two[1]
+    assert all(name in "".join(two) for name in names)
+    styles = {str(span.style) for line in legend(entries, 100) for span in line.spans}
     assert {f"color({i})" for i in range(6)} <= styles
 
 

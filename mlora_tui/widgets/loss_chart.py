@@ -13,6 +13,7 @@ changes.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -200,30 +201,49 @@ def shorten(text: str, width: int) -> str:
     return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
-def legend(entries: Sequence[tuple[str, str, str]], width: int) -> Text:
-    """One line, ``width`` cells at most, naming each curve (``● name value``, the dot in
-    the curve's style): names are cut in the middle as far as needed (to 4 characters),
-    then the values go, then the entries that still do not fit become ``+N``."""
-    def build(name_width: int | None, values: bool, count: int) -> Text:
-        text = Text(no_wrap=True)
-        for name, value, style in entries[:count]:
-            text.append("● ", style=style)
-            text.append(name if name_width is None else shorten(name, name_width))
-            text.append(f" {value}  " if values and value else "  ")
-        if count < len(entries):
-            text.append(f"+{len(entries) - count}")
-        text.rstrip()
-        return text
-
-    longest = max((len(name) for name, _, _ in entries), default=0)
+def legend(entries: Sequence[tuple[str, str, str]], width: int, lines: int = 1) -> list[Text]:
+    """At most ``lines`` lines of ``width`` cells naming each curve (``● name value``, the
+    dot in the curve's style). What gives way, in turn: names cut in the middle down to 6
+    characters (a start that all share goes first), the values (names whole again), names
+    down to 4, then entries from the end (``+N`` says how many)."""
+    names = [name for name, _, _ in entries]
+    shared = len(os.path.commonprefix(names)) if len(names) > 1 else 0
+    if shared > 1:   # a sweep's names share their start: cut names lose it first
+        names = ["…" + name[shared:] for name in names]
+    longest = max(map(len, names), default=0)
     tries = [(None, True, len(entries))]
-    tries += [(w, True, len(entries)) for w in range(longest - 1, 3, -1)]
-    tries += [(4, False, count) for count in range(len(entries), -1, -1)]
+    tries += [(w, True, len(entries)) for w in range(longest - 1, 5, -1)]
+    tries += [(None, False, len(entries))]
+    tries += [(w, False, len(entries)) for w in range(min(longest - 1, 5), 3, -1)]
+    tries += [(4, False, count) for count in range(len(entries) - 1, -1, -1)]
     for name_width, values, count in tries:
-        text = build(name_width, values, count)
-        if cell_len(text.plain) <= width:
-            return text
-    return Text()
+        pieces = []
+        for (name, value, style), short in zip(entries[:count], names):
+            piece = Text(no_wrap=True)
+            piece.append("● ", style=style)
+            piece.append(name if name_width is None else shorten(short, name_width))
+            if values and value:
+                piece.append(f" {value}")
+            pieces.append(piece)
+        if count < len(entries):
+            pieces.append(Text(f"+{len(entries) - count}"))
+        wrapped = _wrap(pieces, width)
+        if wrapped is not None and len(wrapped) <= lines:
+            return wrapped
+    return [Text()]
+
+
+def _wrap(pieces: list[Text], width: int) -> list[Text] | None:
+    """Pieces two spaces apart, a new line before one that would pass ``width``; None if
+    one piece alone is wider."""
+    lines: list[Text] = []
+    for piece in pieces:
+        if lines and lines[-1].cell_len + 2 + piece.cell_len <= width:
+            lines[-1].append("  ")
+            lines[-1].append_text(piece)
+        else:
+            lines.append(piece.copy())
+    return None if any(line.cell_len > width for line in lines) else lines
 
 
 class LossChart(Widget):
@@ -302,24 +322,33 @@ class LossChart(Widget):
                          ema(job.losses) if self.smoothing else job.losses,
                          styles[job.name], job.eval_points) for job in shown]
         if self._overlay:
+            # A second line for the legend where the plot keeps eight rows or more.
             caption = legend([(job.name, fmt.loss(_metric(job)), styles[job.name])
-                              for job in self._shown], width)
+                              for job in self._shown], width, 2 if height >= 10 else 1)
         else:
-            caption = self._caption(styles)
+            caption = [self._caption(styles, width)]
         x_max = max((j.total_steps for j in shown), default=1)
-        lines = plot(series, width, max(height - 1, 0), x_max, self.log_scale)
-        return Text("\n").join([*lines, caption]) if height > 1 else caption
+        lines = plot(series, width, max(height - len(caption), 0), x_max, self.log_scale)
+        return Text("\n").join([*lines, *caption][-height:] if height > 0 else [])
 
-    def _caption(self, styles: dict[str, str]) -> Text:
-        caption = Text(no_wrap=True, overflow="ellipsis")
-        if self._shown:
-            job = self._shown[0]
+    def _caption(self, styles: dict[str, str], width: int) -> Text:
+        """The selected job's line, as long as fits: its step, then words, go first."""
+        if not self._shown:
+            return Text()
+        job = self._shown[0]
+        held_out = job.eval_loss is not None
+        for step, words in ((True, True), (False, True), (False, False)):
+            caption = Text(no_wrap=True, overflow="ellipsis")
             caption.append("● ", style=styles[job.name])
-            caption.append(f"{job.name}  {job.step}/{job.total_steps}  "
-                           f"loss {fmt.loss(job.loss)}")
-            if job.eval_loss is not None:
+            caption.append(job.name)
+            if step:
+                caption.append(f"  {job.step}/{job.total_steps}")
+            caption.append(f"  {'loss ' if words else ''}{fmt.loss(job.loss)}")
+            if held_out:
                 caption.append(f"  {EVAL_MARK} ", style=styles[job.name])
-                caption.append(f"eval {fmt.loss(job.eval_loss)}")
+                caption.append(f"{'eval ' if words else ''}{fmt.loss(job.eval_loss)}")
+            if caption.cell_len <= width:
+                break
         return caption
 
 
