@@ -525,3 +525,24 @@ def test_a_theme_switch_redraws_every_pane_in_the_new_palette():
                 assert re.search(rf"38;2;{r};{g};{b}[;0-9]*m● live", status_line), theme
                 assert app.screen.log_pane.lines        # written again, not lost
     asyncio.run(scenario())
+
+
+def test_readme_key_table_lists_every_key_of_the_monitor_screen_as_bound():
+    """One table of keys: README's says what the bindings say (keys and ids)."""
+    from mlora_tui.app import MonitorScreen
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### The TUI's keys", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`"):
+            keys = re.findall(r"`([^`]+)`", cells[0])
+            ids = re.findall(r"`([^`]+)`", cells[1])
+            rows.update(zip(ids, keys))
+    display = {"question_mark": "?", "slash": "/"}
+    for binding in [*MloraApp.BINDINGS, *MonitorScreen.BINDINGS]:
+        if binding.id == "clear-filter":
+            assert "`esc` clears it: `clear-filter`" in table
+            continue
+        assert rows.get(binding.id) == display.get(binding.key, binding.key), binding.id

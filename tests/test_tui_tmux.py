@@ -53,6 +53,9 @@ class Terminal:
         self.tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "45", line)
         return int(self.tmux("list-panes", "-t", name, "-F", "#{pane_pid}").split()[0])
 
+    def resize(self, name: str, width: int, height: int) -> None:
+        self.tmux("resize-window", "-t", name, "-x", str(width), "-y", str(height))
+
     def screen(self, name: str) -> str:
         return self.tmux("capture-pane", "-p", "-t", name)
 
@@ -78,6 +81,14 @@ def row(screen: str, job: str) -> str | None:
                  if re.match(rf"│ {re.escape(job)}\s", line)), None)
 
 
+def row_fields(screen: str, job: str) -> dict[str, str]:
+    """The cells of ``job``'s row by their column's label (every cell holds one word: a
+    value or a dash)."""
+    header = next((line for line in screen.splitlines() if re.match(r"│ adapter\s", line)), "")
+    line = row(screen, job) or ""
+    return dict(zip(header.strip("│ ").split(), line.strip("│ ").split()))
+
+
 def row_step(screen: str, job: str) -> int | None:
     line = row(screen, job)
     match = line and re.search(r"(\d+)/\d+", line)
@@ -100,6 +111,28 @@ def chart_columns(screen: str) -> list[int]:
             if "\u2801" <= char <= "\u28ff":
                 columns.add(offset)
     return sorted(columns)
+
+
+def read_every_row_at_80x24(terminal: Terminal, name: str, jobs: tuple[str, ...]) -> None:
+    """At the size most SSH sessions open at, every job's name, state, step, loss and ETA
+    are still read from the screen; then back to the large window."""
+    terminal.resize(name, 80, 24)
+    wanted = {"adapter", "state", "step", "loss", "ETA"}
+
+    def readable(s: str) -> bool:
+        rows = [row_fields(s, job) for job in jobs]
+        return all(wanted <= set(fields) and re.fullmatch(r"\d+/\d+", fields["step"])
+                   and re.fullmatch(r"\d+\.\d+", fields["loss"])
+                   and re.fullmatch(r"\d+(:\d\d)+", fields["ETA"]) for fields in rows)
+
+    screen = terminal.wait_screen(name, readable, "every job's row at 80x24")
+    assert max(map(len, screen.splitlines())) <= 80
+    for job in jobs:
+        fields = row_fields(screen, job)
+        assert fields["adapter"] == job and fields["state"] in ("running", "queued")
+        assert fields["step"].endswith(f"/{TOTAL_STEPS}")
+    assert "? Help" in screen and "Loss" in screen          # the footer, the tabs
+    terminal.resize(name, 160, 45)
 
 
 def _in_ci() -> bool:
@@ -139,6 +172,8 @@ def test_detach_by_closing_the_terminal_then_attach_again(terminal, tmp_path_fac
         assert "engine out" in screen and "Backend" in screen and "Log" in screen
         record = find_engine(output_dir=run / "out")
         assert record is not None
+
+        read_every_row_at_80x24(terminal, "first", ("alpha", "beta"))
 
         terminal.keys("first", "p")
         terminal.wait_screen("first", lambda s: "paused" in (row(s, "alpha") or ""),
