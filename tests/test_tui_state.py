@@ -3,15 +3,17 @@ the braille loss plot. Expected values are written out by hand from the events f
 
 from __future__ import annotations
 
+import math
 import sys
+from array import array
 
 import pytest
 
 from mlora_tui.gpu import GpuSampler
 from mlora_tui.state import (CONNECTED, CONNECTING, DISCONNECTED, EngineState, JobView,
                              best_jobs)
-from mlora_tui.widgets.loss_chart import (EVAL_MARK, Series, chosen_jobs, ema, legend, plot,
-                                         shorten)
+from mlora_tui.widgets.loss_chart import (EVAL_MARK, LossChart, Series, chosen_jobs, ema, legend,
+                                         plot, shorten)
 
 ENGINE = {"name": "demo", "pid": 100}
 
@@ -308,6 +310,18 @@ def test_plot_overlay_gives_each_series_its_cells_and_style():
     assert plot([], width=20, height=5, x_max=10)[0].plain.strip() == "no loss yet"
 
 
+def test_a_long_noisy_curve_fills_each_column_from_its_lowest_to_its_highest_loss():
+    # 1000 steps over 21 columns of dots: ~24 steps a pixel column, alternating 1 and 2,
+    # so every column spans the whole height even though only its first, lowest, highest
+    # and last points are looked at; a NaN (a diverged step) is left out, nothing else.
+    losses = array("d", [1.0 + step % 2 for step in range(1000)])
+    for curve in (losses, array("d", [*losses[:500], math.nan, *losses[501:]])):
+        lines = plot([Series("a", array("q", range(1000)), curve, "red")], width=25,
+                     height=6, x_max=999)
+        cells = _cells(lines, len("1.5") + 1)
+        assert all(c == "⣿" for row in cells for c in row), cells
+
+
 def test_log_scale_spans_whole_decades_and_places_each_decade_on_its_row():
     steps = [0, 50, 100]
     lines = plot([Series("a", steps, [5.0, 0.5, 0.02], "red")], width=30, height=10,
@@ -356,6 +370,18 @@ def test_ema_is_debiased_and_skips_non_finite_losses():
     assert smoothed[0] == smoothed[2] == pytest.approx(1.0) and smoothed[1] != smoothed[1]
 
 
+def test_the_chart_smooths_a_growing_curve_as_a_whole_one_would_be():
+    chart, job = LossChart(), JobView("a")
+    for step in range(1, 31):
+        job.record_loss(step, 2.0 / step + 0.1 * (step % 3))
+        if step in (1, 2, 17, 30):
+            assert chart._ema(job) == pytest.approx(ema(job.losses))
+    again = JobView("a")                 # another engine's job of the same name
+    for step in range(1, 40):
+        again.record_loss(step, 1.0)
+    assert chart._ema(again) == pytest.approx([1.0] * 39)
+
+
 def _job(name, loss=None, eval_loss=None):
     job = JobView(name)
     job.loss, job.eval_loss = loss, eval_loss
@@ -390,7 +416,8 @@ def test_the_legend_fits_any_width_cutting_names_then_values_then_entries():
     def plain(width, lines=1):
         return [line.plain for line in legend(entries, width, lines)]
 
-    assert plain(200)[0].startswith("● sweep-lr1e-4-rank-4 0.0123  ● sweep-lr2e-4-rank-8 0.1123")
+    assert plain(200)[0].startswith(
+        "● sweep-lr1e-4-rank-4 0.0123  ● sweep-lr2e-4-rank-8 0.1123")
     for lines in (1, 2):
         for width in range(0, 200):
             assert len(legend(entries, width, lines)) <= lines, (width, lines)

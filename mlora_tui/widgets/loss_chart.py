@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -46,7 +47,15 @@ class Series:
 def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
     """Exponential moving average, debiased (as TensorBoard's) so that the first points
     are not pulled towards zero; non-finite values are skipped (kept as they are)."""
-    out, average, count = [], 0.0, 0
+    out: list[float] = []
+    _ema_extend(out, values, 0.0, 0, weight)
+    return out
+
+
+def _ema_extend(out: list[float], values: Sequence[float], average: float, count: int,
+                weight: float = EMA_WEIGHT) -> tuple[float, int]:
+    """Append the EMA of ``values`` to ``out``, going on from ``average`` after ``count``
+    finite values; returns where it ended, so a growing curve is smoothed once a point."""
     for value in values:
         if not math.isfinite(value):
             out.append(value)
@@ -54,7 +63,7 @@ def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
         count += 1
         average = weight * average + (1 - weight) * value
         out.append(average / (1 - weight ** count))
-    return out
+    return average, count
 
 
 @dataclass(frozen=True)
@@ -87,30 +96,36 @@ def plot(series: Sequence[Series], width: int, height: int, x_max: int,
     def keep(y: float) -> bool:
         return math.isfinite(y) and (y > 0 or not log_scale)
 
-    points = [[(x, y) for x, y in zip(s.steps, s.losses) if keep(y)] for s in series]
+    curves = [_drawable(s.steps, s.losses, keep) for s in series]
     marks = [[(x, y) for x, y in s.marks if keep(y)] for s in series]
-    values = [y for pts in points + marks for _, y in pts]
+    values = [y for _, ys in curves if ys for y in (min(ys), max(ys))]
+    values += [y for pts in marks for _, y in pts]
     rows = height - 1
     if not values or rows < 2:
         return [Text("no loss yet", style="dim", justify="center")] * min(height, 1)
     axis = _axis(values, log_scale)
     margin = max(len(text) for _, text in axis.labels) + 1
     cols = width - margin
-    if cols < 4:
-        return [Text(f"loss {values[-1]:.4g}")]
-    x_max = max(x_max, max(x for pts in points + marks for x, _ in pts), 1)
+    if cols < 4:     # no room to draw: the newest loss of the last curve (the one on top)
+        last = next((ys[-1] for _, ys in reversed(curves) if ys), values[-1])
+        return [Text(f"loss {last:.4g}")]
+    x_max = max(x_max, 1, *(xs[-1] for xs, _ in curves if xs),
+                *(x for pts in marks for x, _ in pts))
     px_w, px_h = cols * 2, rows * 4
     bits = [[0] * cols for _ in range(rows)]
     owner = [[-1] * cols for _ in range(rows)]
 
-    def pixel(x: int, y: float) -> tuple[int, int]:
-        return round(x / x_max * (px_w - 1)), round(axis.to_unit(y) * (px_h - 1))
+    def column(x: int) -> int:
+        return round(x / x_max * (px_w - 1))
 
-    for index, pts in enumerate(points):
+    def pixel(x: int, y: float) -> tuple[int, int]:
+        return column(x), round(axis.to_unit(y) * (px_h - 1))
+
+    for index, (xs, ys) in enumerate(curves):
         def dot(x: int, y: int, index=index) -> None:
             bits[y // 4][x // 2] |= _DOT_BITS[y % 4][x % 2]
             owner[y // 4][x // 2] = index
-        _trace([pixel(x, y) for x, y in pts], dot)
+        _trace([pixel(x, y) for x, y in _per_column(xs, ys, column)], dot)
     marked = {}
     for index, pts in enumerate(marks):
         for x, y in pts:
@@ -126,6 +141,31 @@ def plot(series: Sequence[Series], width: int, height: int, x_max: int,
     axis_line.append(left + right.rjust(cols - len(left)), style="dim")
     lines.append(axis_line)
     return lines
+
+
+def _drawable(steps: Sequence[int], losses: Sequence[float],
+              keep: Callable[[float], bool]) -> tuple[Sequence[int], Sequence[float]]:
+    """The points that can be drawn. Checked in C where possible (a finite sum means no NaN
+    and no infinity; the lowest value says whether all are above 0): a long run has tens
+    of thousands of steps, redrawn four times a second."""
+    if not losses or (math.isfinite(sum(losses)) and keep(min(losses))):
+        return steps, losses
+    kept = [(x, y) for x, y in zip(steps, losses) if keep(y)]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def _per_column(steps: Sequence[int], losses: Sequence[float], column: Callable[[int], int]):
+    """(step, loss) of the first, lowest, highest and last loss of each pixel column, in
+    that order: all that ``_trace`` draws of a column, found with a bisection and C-level
+    min/max per column instead of a Python step per point. ``steps`` rise (one point per
+    step), so ``column`` of them does too."""
+    i, n = 0, len(steps)
+    while i < n:
+        x = steps[i]
+        j = bisect_left(steps, column(x) + 1, i + 1, n, key=column)
+        chunk = losses[i:j]
+        yield from ((x, chunk[0]), (x, min(chunk)), (x, max(chunk)), (x, chunk[-1]))
+        i = j
 
 
 def _row(row: int, bits: list[int], owner: list[int], marked: dict, series: Sequence[Series],
@@ -266,6 +306,9 @@ class LossChart(Widget):
         self._key: tuple | None = None
         self.log_scale = False
         self.smoothing = False
+        # Per job name: (its losses, how many are smoothed, the smoothed curve, the EMA and
+        # count to go on from); the losses themselves tell a new job of the same name.
+        self._smoothed: dict[str, tuple] = {}
 
     def toggle_log_scale(self) -> bool:
         """Switch the loss axis between linear and log (decades); returns the new setting."""
@@ -319,7 +362,7 @@ class LossChart(Widget):
         # The selected curve last, so it is drawn on top.
         shown = sorted(self._shown, key=lambda job: job.name == self._selected)
         series = [Series(job.name, job.loss_steps,
-                         ema(job.losses) if self.smoothing else job.losses,
+                         self._ema(job) if self.smoothing else job.losses,
                          styles[job.name], job.eval_points) for job in shown]
         if self._overlay:
             # A second line for the legend where the plot keeps eight rows or more.
@@ -330,6 +373,17 @@ class LossChart(Widget):
         x_max = max((j.total_steps for j in shown), default=1)
         lines = plot(series, width, max(height - len(caption), 0), x_max, self.log_scale)
         return Text("\n").join([*lines, *caption][-height:] if height > 0 else [])
+
+    def _ema(self, job: JobView) -> list[float]:
+        """The job's smoothed losses, extended by its new points only (a long run has tens
+        of thousands, redrawn four times a second)."""
+        fresh = (None, 0, [], 0.0, 0)
+        losses, done, curve, average, count = self._smoothed.get(job.name, fresh)
+        if losses is not job.losses:       # a new job of that name (another engine's)
+            done, curve, average, count = 0, [], 0.0, 0
+        average, count = _ema_extend(curve, job.losses[done:], average, count)
+        self._smoothed[job.name] = (job.losses, len(job.losses), curve, average, count)
+        return curve
 
     def _caption(self, styles: dict[str, str], width: int) -> Text:
         """The selected job's line, as long as fits: its step, then words, go first."""
