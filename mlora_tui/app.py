@@ -410,8 +410,8 @@ class MloraApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "mlora-tui"
-    # Below 100 columns or 30 lines the screen changes shape (app.tcss: "-small", "-short").
-    HORIZONTAL_BREAKPOINTS = [(0, "-small"), (100, "-narrow"), (130, "-wide")]
+    # Below 120 columns or 30 lines the screen changes shape (app.tcss: "-small", "-short").
+    HORIZONTAL_BREAKPOINTS = [(0, "-small"), (120, "-narrow"), (130, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
         Binding("q", "detach", "Quit", id="quit",

@@ -338,6 +338,9 @@ def test_columns_drop_by_priority_and_the_screen_changes_shape_when_small():
             # Every detail pane side by side.
             assert all(pane.region.height > 0 for pane in (screen.loss_chart, screen.adapter_pane,
                                                            screen.backend_pane, screen.log_pane))
+            await pilot.resize_terminal(120, 30)          # the smallest that is large
+            await pilot.pause()
+            assert not screen.pane_tabs.display and screen.backend_pane.display
             for width, gone in ((100, []), (90, ["lr", "tokens_per_s"]),
                                 (80, ["lr", "tokens_per_s", "r", "variant"]),
                                 (60, list(DROP_ORDER))):
