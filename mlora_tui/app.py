@@ -203,7 +203,8 @@ class MonitorScreen(Screen):
         """Text drawn in Python carries the theme's colours: draw it all again."""
         self.jobs_table.restyle()
         self.log_pane.restyle()
-        self.redraw(force=True)
+        self._drawn = None      # also when a modal (the palette) covers the screen now
+        self.redraw()
 
     @property
     def selected_job(self) -> JobView | None:

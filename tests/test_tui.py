@@ -517,7 +517,13 @@ def test_a_theme_switch_redraws_every_pane_in_the_new_palette():
             before = app.theme_variables["success"].lower()
             # A light and a dark theme, each with a "success" colour of its own.
             for theme in ("solarized-light", "nord"):
+                # A modal covers the screen meanwhile, as the palette (where themes are
+                # chosen) does.
+                await pilot.press("question_mark")
+                assert isinstance(app.screen, HelpScreen)
                 app.theme = theme
+                await pilot.pause()
+                await pilot.press("escape")
                 await pilot.pause(0.3)
                 success = app.theme_variables["success"].lower()
                 assert success != before and success in state_colour(), theme

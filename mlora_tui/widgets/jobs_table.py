@@ -209,6 +209,8 @@ class JobsTable(DataTable):
         # A hidden column (width 0) leaves an empty segment without a style, which Textual's
         # NO_COLOR filter cannot take: drop those.
         strip = super().render_line(y)
+        if len(self.shown_columns) == len(COLUMNS):
+            return strip
         return Strip([segment for segment in strip if segment.text], strip.cell_length)
 
     @property
