@@ -22,7 +22,10 @@ HelpRow = tuple[str, str, bool, str]
 INTRO = ("The engine trains on in its own process: quitting or losing the connection "
          "(SSH, tmux) never stops it. Attach again with `mlora-tui --attach NAME`.\n"
          "Dimmed keys do not apply to the selected job now. Remap keys by id in "
-         "~/.config/mlora-tui/keymap.toml, e.g.  pause = \"space\".")
+         "~/.config/mlora-tui/keymap.toml, e.g.  pause = \"space\".\n"
+         "The mouse: click a job to select it, a column's header to sort by it, a pane to "
+         "focus it. Under 120 columns or 30 lines the panes below the jobs take turns "
+         "under tabs (click one, or 1-4).")
 
 
 class HelpScreen(ModalScreen[None]):

@@ -61,8 +61,9 @@ def visible_columns(width: int) -> list[str]:
 
 
 def _last(value) -> tuple:
-    """Unknown values sort after every known one."""
-    return (value is None, value if value is not None else 0)
+    """Unknown values (None, NaN: a diverged loss) sort after every known one."""
+    unknown = value is None or value != value
+    return (unknown, 0 if unknown else value)
 
 
 def sort_key(column: str, job: JobView) -> tuple:
