@@ -353,6 +353,9 @@ def test_columns_drop_by_priority_and_the_screen_changes_shape_when_small():
             await pilot.resize_terminal(80, 24)
             await pilot.pause()
             assert screen.has_class("-small") and screen.pane_tabs.display
+            # The status line gave up the app's name and the pid for the job counts.
+            status = str(screen.status_bar.render())
+            assert "mlora-tui" not in status and "1 paused" in status
             # One detail pane at a time, at full width, chosen by tab or by 1-4.
             assert screen.loss_chart.region.width == 80 and not screen.log_pane.display
             await pilot.press("4")

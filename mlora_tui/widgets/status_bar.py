@@ -29,7 +29,14 @@ class StatusBar(Static):
     }
     """
 
+    _shown: tuple[EngineState, str | None] | None = None
+
+    def on_resize(self) -> None:
+        if self._shown is not None:     # what fits depends on the width
+            self.show(*self._shown)
+
     def show(self, state: EngineState, target: str | None = None) -> None:
+        self._shown = (state, target)
         variables = self.app.theme_variables
         # Under 100 columns the app's name and the pid give way to the job counts.
         wide = self.size.width >= 98 or not self.size.width
