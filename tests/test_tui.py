@@ -558,3 +558,25 @@ def test_readme_key_table_lists_every_key_of_the_monitor_screen_as_bound():
             assert "`esc` clears it: `clear-filter`" in table
             continue
         assert rows.get(binding.id) == display.get(binding.key, binding.key), binding.id
+
+
+def test_the_name_column_grows_into_spare_width_for_long_names():
+    from tui_recorded import ADAPTERS, T0
+
+    name = "lr3e-4_r16_rslora_seed2"        # a sweep's kind of name
+    state = recorded_state()
+    state.apply_event({"type": "job_added", "time": T0 + 40, "job": name,
+                       "adapter": {**ADAPTERS[0][0], "name": name}, "total_steps": 10,
+                       "train_examples": 40, "val_examples": 0, "targets": ["q_proj"]},
+                      seq=10_000)
+
+    async def scenario():
+        app = MloraApp(state=state, gpu_sampler=FixedGpus(NO_GPU))
+        async with app.run_test(size=(200, 40)) as pilot:
+            await pilot.pause()
+            table = app.screen.jobs_table
+            assert table.columns["name"].width == len(name) + 1     # the whole name
+            await pilot.resize_terminal(100, 40)                    # no room to spare
+            await pilot.pause()
+            assert table.columns["name"].width == COLUMNS[0][2] + 1
+    asyncio.run(scenario())
