@@ -4,7 +4,7 @@
 Scripts: ``bench`` (this engine against PEFT by model shape and number of adapters, each
 variant in its own worker process), ``demo_throughput`` (the demo config in one process),
 ``op_count`` (operators dispatched per step), ``lora_layer`` (the batched LoRA layer
-alone). Shared by them: ``baseline`` (the one PEFT baseline), ``measure`` (time, memory,
+alone), ``tui_screenshot`` (README's picture of the TUI, docs/tui.svg). Shared by them: ``baseline`` (the one PEFT baseline), ``measure`` (time, memory,
 other processes' load), ``data`` (synthetic rows, the micro-batch plan), ``fixtures`` (the
 tests' tiny tokenizer and models).
 """
