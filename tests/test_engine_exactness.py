@@ -6,6 +6,7 @@ PyTorch training loop over a PEFT model, and Hugging Face's own loss.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -193,6 +194,30 @@ def _reference_scheduler(optimizer, cfg: AdapterConfig, total_steps: int):
     return schedule(optimizer, warmup, total_steps)
 
 
+def reference_batches(data, micro_batch_size: int, pad: int):
+    """A job's optimizer batches in its own order, epoch after epoch, for reference loops:
+    each as (its target count, its padded micro-batches as (input_ids, attention_mask,
+    labels, target count)). HF's loss is a mean over a micro-batch's targets; the batch-wide
+    mean needs the batch's target count, so each micro-batch loss is re-weighted by its
+    share."""
+    epoch = 0
+    while True:
+        for batch in data.epoch_batches(epoch):
+            examples = [data.train[i] for i in batch]
+            batch_targets = sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
+            micro_batches = []
+            for micro in data.micro_batches(batch, micro_batch_size):
+                rows = [data.train[i] for i in micro]
+                width = max(len(r.input_ids) for r in rows)
+                ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in rows])
+                labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in rows])
+                mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids))
+                                     for r in rows])
+                micro_batches.append((ids, mask, labels, int((labels[:, 1:] != -100).sum())))
+            yield batch_targets, micro_batches
+        epoch += 1
+
+
 def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, name: str,
                              steps: int, log: list | None = None) -> dict[str, torch.Tensor]:
     """Train the adapter saved in ``init_dir`` with PEFT and a plain loop, same batches:
@@ -205,39 +230,23 @@ def _peft_reference_training(model_dir: Path, init_dir: Path, engine: Engine, na
                                                 attn_implementation="sdpa")
     model = peft.PeftModel.from_pretrained(base, init_dir, is_trainable=True)
     cfg = engine.jobs[name].cfg
-    data = engine.jobs[name].data
     optimizer = _reference_optimizer(model, cfg)
     scheduler = _reference_scheduler(optimizer, cfg, steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    pad = engine.tokenizer.pad_token_id
     log = [] if log is None else log
-    epoch = 0
-    while len(log) < steps:
-        for batch in data.epoch_batches(epoch):
-            examples = [data.train[i] for i in batch]
-            # HF's loss is a mean over a micro-batch's targets; the batch-wide mean needs the
-            # batch's target count, so each micro-batch loss is re-weighted by its share.
-            batch_targets = sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
-            for micro in data.micro_batches(batch, cfg.micro_batch_size):
-                rows = [data.train[i] for i in micro]
-                width = max(len(r.input_ids) for r in rows)
-                ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in rows])
-                labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in rows])
-                mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids))
-                                     for r in rows])
-                micro_targets = int((labels[:, 1:] != -100).sum())
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                (loss * micro_targets / batch_targets).backward()
-            # No max_grad_norm: an infinite one, which scales by exactly 1.
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)
-            log.append({"lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)})
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            if len(log) == steps:
-                break
-        epoch += 1
+    batches = reference_batches(engine.jobs[name].data, cfg.micro_batch_size,
+                                engine.tokenizer.pad_token_id)
+    for batch_targets, micro_batches in itertools.islice(batches, steps):
+        for ids, mask, labels, micro_targets in micro_batches:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss * micro_targets / batch_targets).backward()
+        # No max_grad_norm: an infinite one, which scales by exactly 1.
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)
+        log.append({"lr": scheduler.get_last_lr()[0], "grad_norm": float(norm)})
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
     state = peft.get_peft_model_state_dict(model)
     return {k: v.detach().clone() for k, v in state.items()}
 

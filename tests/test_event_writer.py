@@ -25,8 +25,8 @@ from engine.core.events import EventWriter
 from engine.core.outputs import read_run_record
 from mlora_tui.client import EngineClient
 from mlora_tui.progress import RunSummary
-from test_cli import ROWS
 from test_protocol import runtime, start_engine, stop_engine  # noqa: F401 (a fixture)
+from test_server import ADAPTER, write_config
 from tiny_models import tiny_model_dir
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"),
@@ -131,32 +131,6 @@ def test_a_log_that_cannot_be_written_stays_off_until_the_retry(tmp_path):
 
 # -- through a real engine process -----------------------------------------------------------
 
-ADAPTER = """
-[[adapter]]
-name = "{name}"
-data = "{data}"
-prompt = "none"
-r = 2
-lr = 1e-2
-batch_size = 1
-micro_batch_size = 1
-num_epochs = {epochs}
-"""
-
-
-def _config(folder: Path, model: Path, jobs: dict[str, int]) -> Path:
-    """A config of one-example-a-step jobs (name -> epochs of the 8 rows) in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    text = (f'[model]\nbase_model = "{model}"\n\n[train]\noutput_dir = "{folder / "out"}"\n'
-            f"save_step = 1000000\ncutoff_len = 64\n")
-    text += "".join(ADAPTER.format(name=n, data=data, epochs=e) for n, e in jobs.items())
-    path = folder / "run.toml"
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_model_dir("llama", tmp_path_factory)
@@ -208,7 +182,7 @@ def _log_with(text: str):
 
 
 def test_the_engine_process_makes_a_deleted_output_folder_again(tmp_path, runtime, model):
-    config = _config(tmp_path / "deleted", model, {"long": 2000})
+    config = write_config(tmp_path / "deleted", model, epochs={"long": 2000})
     out = config.parent / "out"
     proc, record = start_engine(config, runtime)
     try:
@@ -218,8 +192,7 @@ def test_the_engine_process_makes_a_deleted_output_folder_again(tmp_path, runtim
             os.rename(out, config.parent / "gone")
             shutil.rmtree(config.parent / "gone")
             # A job added now saves its adapter into the folder made again.
-            await client.add_jobs(ADAPTER.format(name="short", data=config.parent / "data.jsonl",
-                                                 epochs=1))
+            await client.add_jobs(ADAPTER.format(name="short", epochs=1))
             await upto(_is("adapter_saved", job="short"))
             await upto(_is("step", job="long"))
             await client.stop()
@@ -245,7 +218,7 @@ def test_the_engine_process_makes_a_deleted_output_folder_again(tmp_path, runtim
 
 @needs_dev_full
 def test_the_engine_process_trains_on_through_a_full_disk(tmp_path, runtime, model):
-    config = _config(tmp_path / "full", model, {"short": 1, "long": 2000})
+    config = write_config(tmp_path / "full", model, epochs={"short": 1, "long": 2000})
     out = config.parent / "out"
     _fill_disk(out / "metrics.jsonl")
     proc, record = start_engine(config, runtime, {"MLORA_EVENTS_RETRY_S": "0.2"})

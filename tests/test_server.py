@@ -44,13 +44,16 @@ num_epochs = {epochs}
 """
 
 
-def write_config(folder: Path, model: Path, names=("a", "b", "c"), epochs: int = 2000) -> Path:
-    """Jobs of one example per step: many small events, so buffers fill in seconds."""
+def write_config(folder: Path, model: Path, names=("a", "b", "c"),
+                 epochs: int | dict[str, int] = 2000) -> Path:
+    """Jobs of one example per step: many small events, so buffers fill in seconds.
+    ``epochs``: every job's, or each job's by name (its keys then name the jobs)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     text = (f'[model]\nbase_model = "{model}"\n\n[train]\noutput_dir = "{folder / "out"}"\n'
             f"save_step = 1000000\ncutoff_len = 64\n")
-    text += "".join(ADAPTER.format(name=n, epochs=epochs) for n in names)
+    per_job = epochs if isinstance(epochs, dict) else dict.fromkeys(names, epochs)
+    text += "".join(ADAPTER.format(name=n, epochs=e) for n, e in per_job.items())
     path = folder / "run.toml"
     path.write_text(text)
     return path

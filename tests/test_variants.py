@@ -10,6 +10,7 @@ each targeted linear, no engine code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import replace
@@ -26,6 +27,7 @@ from engine.train.engine import Engine
 from engine.train.lora import LoraAdapter
 from engine.train.variants import base, register, variant_for
 from engine.train.variants.lora import LoraVariant, lora_scaling
+from test_engine_exactness import reference_batches
 from tiny_models import tiny_model_dir
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -129,31 +131,15 @@ def _reference(model_dir: Path, engine: Engine, name: str, initial: dict,
         module.register_forward_hook(
             lambda _m, args, out, a=a, b=b, g=g: out + g * scaling * (args[0] @ a.t()) @ b.t())
     optimizer = torch.optim.AdamW(list(leaves.values()), lr=cfg.lr, weight_decay=0.0)
-    data = engine.jobs[name].data
-    pad = engine.tokenizer.pad_token_id
-    done, epoch = 0, 0
-    while done < steps:
-        for batch in data.epoch_batches(epoch):
-            examples = [data.train[i] for i in batch]
-            batch_targets = sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
-            for micro in data.micro_batches(batch, cfg.micro_batch_size):
-                rows = [data.train[i] for i in micro]
-                width = max(len(r.input_ids) for r in rows)
-                ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids))
-                                    for r in rows])
-                labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in rows])
-                mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids))
-                                     for r in rows])
-                targets = int((labels[:, 1:] != -100).sum())
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                penalty = PENALTY * sum((g - 1).square().sum() for g in gains)
-                ((loss + penalty) * targets / batch_targets).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            done += 1
-            if done == steps:
-                break
-        epoch += 1
+    batches = reference_batches(engine.jobs[name].data, cfg.micro_batch_size,
+                                engine.tokenizer.pad_token_id)
+    for batch_targets, micro_batches in itertools.islice(batches, steps):
+        for ids, mask, labels, targets in micro_batches:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            penalty = PENALTY * sum((g - 1).square().sum() for g in gains)
+            ((loss + penalty) * targets / batch_targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
     return {key: value.detach() for key, value in leaves.items()}
 
 
