@@ -9,8 +9,12 @@ Three row kinds are accepted; one file holds one kind:
 How each kind becomes tokens and targets is ``engine.core.data``'s part.
 
 Files are JSON (one array of objects) or JSONL (one object a line), told apart by their
-first non-blank character. Every problem raises ``DataError`` naming the file and line.
+first non-blank character, or Parquet (``.parquet``, read with pyarrow, imported only then).
+Every problem raises ``DataError`` naming the file and line (``row N`` for Parquet).
 Pure Python, no torch: the CLI validates data without it.
+
+``read_raw_rows`` is the reading alone (no row kinds), for other row layouts such as the
+evaluation tasks of ``engine.core.eval_tasks``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ _WHITESPACE = b" \t\r\n"
 
 @dataclass(frozen=True)
 class DataFile:
-    """The rows of one data file, all of one ``kind``, with the line each row starts on."""
+    """The rows of one data file, all of one ``kind``, with the line each row starts on
+    (for a Parquet file, its row number, 1-based)."""
 
     path: str
     kind: str
@@ -54,15 +59,50 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
     return load_data_file(path).rows
 
 
-def load_data_file(path: str | os.PathLike, *, max_row_bytes: int = MAX_ROW_BYTES) -> DataFile:
-    """Read and validate a JSON array or JSONL file of rows.
+@dataclass(frozen=True)
+class RawRows:
+    """The rows of a file as read, not yet checked: ``rows[i]`` starts on line
+    ``numbers[i]`` (JSON, JSONL) or is row ``numbers[i]`` (Parquet, ``by_line`` False)."""
+
+    path: str
+    rows: list[Any]
+    numbers: list[int]
+    by_line: bool = True
+
+    def where(self, i: int) -> str:
+        """Where row ``i`` is, for messages: ``file:line``, or ``file row N`` for Parquet."""
+        if self.by_line:
+            return f"{self.path}:{self.numbers[i]}"
+        return f"{self.path} row {self.numbers[i]}"
+
+    def error(self, i: int, message: str) -> DataError:
+        """A ``DataError`` about row ``i``, naming the file and its line (or row)."""
+        if self.by_line:
+            return DataError(message, file=self.path, line=self.numbers[i])
+        return DataError(f"row {self.numbers[i]}: {message}", file=self.path)
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(".parquet")
+
+
+def read_raw_rows(path: str | os.PathLike, *,
+                  max_row_bytes: int = MAX_ROW_BYTES) -> RawRows:
+    """Read a JSON array, JSONL or Parquet file into rows, without checking what they hold.
 
     Raises ``DataError`` (file and line) for: a missing or unreadable file, an empty file,
-    bytes that are not UTF-8, invalid JSON, a row that is not an object, missing or
-    mistyped fields, a file mixing row kinds, and a row larger than ``max_row_bytes``.
-    Oversized JSONL lines are detected while reading, without reading them whole.
+    bytes that are not UTF-8, invalid JSON, a JSON array element that is not an object, a
+    row larger than ``max_row_bytes``, a file that is not Parquet though named so, and a
+    file with no rows. Oversized JSONL lines are detected while reading, without reading
+    them whole.
     """
     path = os.fspath(path)
+    if is_parquet(path):
+        rows = _read_parquet(path)
+        if not rows:
+            raise DataError("data file has no rows", file=path)
+        return RawRows(path=path, rows=rows, numbers=list(range(1, len(rows) + 1)),
+                       by_line=False)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -80,23 +120,51 @@ def load_data_file(path: str | os.PathLike, *, max_row_bytes: int = MAX_ROW_BYTE
             pairs = _read_jsonl(f, path, max_row_bytes)
     if not pairs:
         raise DataError("data file has no rows", file=path)
+    return RawRows(path=path, rows=[r for _, r in pairs], numbers=[ln for ln, _ in pairs])
+
+
+def load_data_file(path: str | os.PathLike, *, max_row_bytes: int = MAX_ROW_BYTES) -> DataFile:
+    """Read and validate a JSON array, JSONL or Parquet file of training rows.
+
+    Raises ``DataError`` (file and line) for everything ``read_raw_rows`` does, and for a
+    row that is not an object, missing or mistyped fields, and a file mixing row kinds.
+    """
+    raw = read_raw_rows(path, max_row_bytes=max_row_bytes)
 
     # One kind per file: mixing would silently change what is trained on.
     kind = None
-    first_line = None
-    for line, row in pairs:
+    first = None
+    for i, row in enumerate(raw.rows):
         try:
             row_kind_ = row_kind(row)
         except RowError as e:
-            raise DataError(str(e), file=path, line=line) from None
+            raise raw.error(i, str(e)) from None
         if kind is None:
-            kind, first_line = row_kind_, line
+            kind, first = row_kind_, i
         elif row_kind_ != kind:
-            raise DataError(
-                f"this is a {row_kind_} row but the file's first row (line {first_line}) is "
-                f"a {kind} row; a file may not mix row kinds", file=path, line=line)
-    return DataFile(path=path, kind=kind, rows=[r for _, r in pairs],
-                    lines=[ln for ln, _ in pairs])
+            first_where = (f"line {raw.numbers[first]}" if raw.by_line
+                           else f"row {raw.numbers[first]}")
+            raise raw.error(i, f"this is a {row_kind_} row but the file's first row "
+                               f"({first_where}) is a {kind} row; a file may not mix row kinds")
+    return DataFile(path=raw.path, kind=kind, rows=raw.rows, lines=raw.numbers)
+
+
+def _read_parquet(path: str) -> list[dict]:
+    """The rows of a Parquet file as plain Python values (structs as dicts, lists as lists)."""
+    if not os.path.exists(path):
+        raise DataError("data file not found", file=path)
+    try:
+        import pyarrow.parquet as pq          # only here: JSON data needs no pyarrow
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow (pip install pyarrow)",
+                        file=path) from None
+    try:
+        table = pq.read_table(path)
+    except OSError as e:
+        raise DataError(f"cannot read data file: {e.strerror or e}", file=path) from None
+    except Exception as e:                     # pyarrow's ArrowInvalid: not Parquet at all
+        raise DataError(f"not a readable Parquet file: {e}", file=path) from None
+    return table.to_pylist()
 
 
 def _first_significant_byte(f) -> Optional[bytes]:
