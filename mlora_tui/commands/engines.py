@@ -94,11 +94,12 @@ async def _statuses(engines: list["EngineRecord"]) -> list[dict | None]:
 
 
 def print_jobs(out: Console, jobs: list[dict], indent: str = "") -> None:
-    """One line per job summary: name, variant, state, step, loss, ETA, reason."""
+    """One line per job summary: name, variant, state, step, loss, validation loss, the
+    first eval task's acc, ETA, reason."""
     if not jobs:
         out.print(Text(f"{indent}(no jobs yet)", style="dim"))
         return
-    from mlora_tui.progress import STATE_STYLES, format_duration
+    from mlora_tui.progress import STATE_STYLES, format_duration, headline_score, percent
 
     width = max(len(job["name"]) for job in jobs)
     variants = [job_variant(job) for job in jobs]
@@ -110,6 +111,11 @@ def print_jobs(out: Console, jobs: list[dict], indent: str = "") -> None:
         line.append(f" {job['step']:>5}/{job['total_steps']:<5}")
         if job.get("loss") is not None:
             line.append(f"  loss {job['loss']:.4f}")
+        if job.get("eval_loss") is not None:
+            line.append(f"  val {job['eval_loss']:.4f}")
+        headline = headline_score(job.get("scores"))
+        if headline is not None:        # the first [[eval]] task's acc
+            line.append(f"  {headline[0]} {percent(headline[1])}")
         if job["state"] == RUNNING and job.get("eta_s") is not None:
             line.append(f"  ETA {format_duration(job['eta_s'])}")
         if job.get("reason"):
@@ -143,12 +149,14 @@ def stop(
 
 # -- jobs -------------------------------------------------------------------------------------
 
-@jobs_app.command("list", help="The jobs of an engine: variant, state, step, loss, ETA, "
+@jobs_app.command("list", help="The jobs of an engine: variant, state, step, loss, "
+                               "validation loss, score (the first eval task's acc), ETA, "
                                "reason.")
 def jobs_list(
     engine: EngineOption = None,
     json_lines: Annotated[bool, typer.Option(
-        "--json", help="One JSON object per job (the engine's job summary).")] = False,
+        "--json", help="One JSON object per job (the engine's job summary, with its "
+                        "latest eval scores).")] = False,
 ) -> None:
     status = engine_request(engine, lambda client: client.status())
     jobs = status.get("jobs") or []
