@@ -8,8 +8,8 @@ steers their jobs, `stop` stops one gracefully, and `serve` is the engine proces
 
 This module only puts the commands together; each group lives in mlora_tui/commands/
 (run: run, attach, serve; engines: ps, stop, jobs; configs: validate, convert, gen;
-generate). Exit codes are engine.core.jobs's. Nothing here imports torch: only ``serve``
-and ``generate`` do, inside the command, so ``mlora --help`` starts fast.
+generate, evaluate). Exit codes are engine.core.jobs's. Nothing here imports torch: only ``serve``,
+``generate`` and ``evaluate`` do, inside the command, so ``mlora --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import typer
 
 from engine.core.jobs import EXIT_CODES_HELP
-from mlora_tui.commands import configs, engines, generate, run
+from mlora_tui.commands import configs, engines, evaluate, generate, run
 
 app = typer.Typer(
     name="mlora",
@@ -43,6 +43,7 @@ app.command(help=configs.VALIDATE_HELP)(configs.validate)
 app.command(help=configs.CONVERT_HELP)(configs.convert)
 app.command("gen", help=configs.GEN_HELP)(configs.gen)
 app.command(help=generate.GENERATE_HELP)(generate.generate)
+app.command(help=evaluate.EVALUATE_HELP)(evaluate.evaluate)
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ class LetterItem:
     """m-LoRA's zero-shot prompt, for ``--method letter``."""
 
     prompt: str
-    labels: list[str]       # scored by the logits of " " + label's first token
+    labels: list[str]       # scored by the logits of the last token of " " + label
     gold: int
     where: str
 

@@ -15,13 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine.train.adapters import load_adapter_state, read_adapter_folder
+from engine.train.adapter_set import (attach_saved, base_model_path, check_supported,
+                                      saved_template)
+from engine.train.adapters import read_adapter_folder
 from engine.core.config import ModelConfig
-from engine.core.errors import ConfigError, UserError
+from engine.core.errors import UserError
 from engine.train.lora import BatchLayout
-from engine.train.variants import variant_for
-from engine.train.models import find_target_linears, load_base_model, resolve_base_model, select_device
-from engine.core.prompts import PromptTemplate, load_template
+from engine.train.models import load_base_model, select_device
+from engine.core.prompts import PromptTemplate
 
 ADAPTER_NAME = "adapter"   # the adapter's name inside the model; any name would do
 
@@ -43,10 +44,11 @@ def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     adapter_dir = Path(adapter_dir)
     peft_cfg, state, meta = read_adapter_folder(adapter_dir)
+    check_supported(peft_cfg, adapter_dir)
     template = None if raw else _template(meta, adapter_dir)
 
     device = select_device()
-    model_path = _base_model_path(base_model, peft_cfg, meta, adapter_dir, log)
+    model_path = base_model_path(base_model, peft_cfg, meta, adapter_dir, log)
     # The base runs as the adapter was trained on it (dtype, quantization: recorded beside it).
     model_cfg = ModelConfig(base_model=str(model_path), dtype=meta.get("dtype", "fp32"),
                             quantize=meta.get("quantize", "none"))
@@ -61,23 +63,10 @@ def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only
 
 def attach_saved_adapter(model, peft_cfg: dict, state: dict, adapter_dir: str | Path,
                          device: torch.device) -> BatchLayout:
-    """Attach a saved adapter (``read_adapter_folder``'s config and tensors) to ``model``.
-
-    Of any variant the config describes (engine/train/variants: LoRA, DoRA, MixLoRA with
-    peft_type MIXLORA). The adapter applies to every row: generation batches are not split
-    by job. Returns the layout its layers share.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
+    """Attach a saved adapter to ``model`` so that it applies to every row (generation
+    batches are not split by job). Returns the layout its layers share."""
     layout = BatchLayout()
-    linears = list(find_target_linears(model, _target_modules(peft_cfg, adapter_dir)))
-    _check_rank(peft_cfg, adapter_dir)
-    try:
-        variant = variant_for(ADAPTER_NAME, peft_cfg)
-    except (ValueError, TypeError) as e:   # fields the config could not resolve
-        raise UserError(f"{config_path}: not a valid adapter config ({e})") from None
-    variant.attach(model, layout, linears, init_seed=0, device=device)
-    load_adapter_state(model, ADAPTER_NAME, state, source=str(adapter_dir))
+    attach_saved(model, layout, ADAPTER_NAME, peft_cfg, state, adapter_dir, device)
     layout.set_single(ADAPTER_NAME)
     return layout
 
@@ -132,43 +121,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def _template(meta: dict, adapter_dir: Path) -> PromptTemplate:
-    name = meta.get("prompt") or (meta.get("adapter") or {}).get("prompt") or "alpaca"
     try:
-        return load_template(name)
-    except ConfigError as e:
-        raise UserError(f"{adapter_dir}: the adapter was trained with prompt template "
-                        f"{name!r}, which cannot be loaded ({e}); pass --raw to send the prompt "
-                        f"without a template") from None
-
-
-def _base_model_path(override: Optional[str], peft_cfg: dict, meta: dict, adapter_dir: Path,
-                     log: Optional[Callable[[str], None]]) -> Path:
-    """The local folder of the base model: the override, else what the adapter recorded."""
-    name = override or meta.get("base_model") or peft_cfg.get("base_model_name_or_path")
-    if not name:
-        raise UserError(f"{adapter_dir}: the adapter does not say which base model it was "
-                        f"trained on; pass --base-model")
-    try:
-        return resolve_base_model(str(name), log)
+        return saved_template(meta, adapter_dir)
     except UserError as e:
-        if override:
-            raise
-        raise UserError(f"{e} (the base model recorded in {adapter_dir}); pass --base-model "
-                        f"to use another copy of it") from None
-
-
-def _check_rank(peft_cfg: dict, adapter_dir: Path) -> None:
-    r = peft_cfg.get("r")
-    if isinstance(r, int) and not isinstance(r, bool) and r > 0:
-        return
-    raise UserError(f"{adapter_dir / 'adapter_config.json'}: r must be a positive integer, "
-                    f"got {r!r}")
-
-
-def _target_modules(peft_cfg: dict, adapter_dir: Path) -> list[str]:
-    targets = peft_cfg.get("target_modules")
-    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        return targets
-    raise UserError(f"{adapter_dir / 'adapter_config.json'}: target_modules must be a list of "
-                    f"module names, got {targets!r} (regular expressions and 'all-linear' are "
-                    f"not supported)")
+        raise UserError(f"{e}; pass --raw to send the prompt without a template") from None
