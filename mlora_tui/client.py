@@ -115,6 +115,11 @@ class EngineClient:
     async def cancel(self, job: str) -> dict:
         return await self.request("cancel", job=job)
 
+    async def evaluate_job(self, name: str) -> dict:
+        """Evaluate a job at the next step boundary: {"job", "tasks": [names], "eval_loss":
+        bool}; the results arrive as an "eval" event (``scores``, ``eval_loss``)."""
+        return await self.request("evaluate", job=name)
+
     async def save(self, job: str | None = None) -> dict:
         """Checkpoint one job now, or every unfinished one: {"paths": [...]}."""
         return await (self.request("save", job=job) if job else self.request("save"))

@@ -32,6 +32,7 @@ SAMPLE_PARAMS = {
     "pause": {"job": "a"},
     "resume": {"job": "a"},
     "cancel": {"job": "a"},
+    "evaluate": {"job": "a"},
     "save": {"job": "a"},
     "stop": {},
 }

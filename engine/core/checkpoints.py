@@ -36,8 +36,9 @@ FORMAT = 1
 ENGINE_FILE = "engine.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-# Adapter settings a resumed job may change without changing what it computes.
-RESUME_FREE_FIELDS = ("data", "init_from", "prompt")
+# Adapter settings a resumed job may change without changing what it computes (evaluation
+# during training reads the weights, never changes them).
+RESUME_FREE_FIELDS = ("data", "init_from", "prompt", "eval_tasks", "eval_steps")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """The run configuration: dataclasses for the TOML file and its validation.
 
-One file holds ``[model]``, ``[train]`` and a list of ``[[adapter]]`` tables. Field names
+One file holds ``[model]``, ``[train]``, a list of ``[[adapter]]`` tables and optional
+``[[eval]]`` tables (engine.core.config_eval). Field names
 follow m-LoRA's where one exists. ``load_config`` validates everything that can be checked
 without loading a model and raises ``ConfigError`` naming file, table and field.
 ``load_adapter_file`` / ``parse_adapter_tables`` validate ``[[adapter]]`` tables added to a
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from engine.core.config_eval import (EvalConfig, check_adapter_eval_fields, check_eval_names,
+                                     convert_eval_tasks, eval_tables, parse_eval_tables)
 from engine.core.config_file import (Where, adapter_tables, describe, read_toml, show,
                                      single_table, suggestion)
 from engine.core.config_values import (NON_EMPTY, apply_rules, check_data, check_init_from,
@@ -89,6 +92,10 @@ class AdapterConfig:
     max_grad_norm: Optional[float] = None
     init_from: str = ""               # a PEFT adapter folder to continue training from
     seed: Optional[int] = None        # None: [train] seed
+    # Evaluation during training (engine/core/config_eval.py): [[eval]] task names, scored
+    # after the last step, and every eval_steps optimizer steps (with the validation loss).
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_steps: Optional[int] = None
     # MixLoRA (engine/train/variants/mixlora/, docs/mixlora.md): a mixture of LoRA experts on the
     # feed-forward blocks. routing_strategy None: a plain LoRA adapter, and every field below
     # must be left out. Set, the fields left out take the strategy's defaults (MIXLORA_DEFAULTS).
@@ -113,6 +120,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adapters: list[AdapterConfig] = field(default_factory=list)
+    evals: list[EvalConfig] = field(default_factory=list)   # [[eval]] tables
     source: str = "<config>"          # the file the config came from (for messages)
 
 
@@ -186,7 +194,7 @@ def resolve_mixlora(values: dict) -> dict:
     out["expert_lora"] = expert
     return out
 
-_TOP_LEVEL_KEYS = ("model", "train", "adapter")
+_TOP_LEVEL_KEYS = ("model", "train", "adapter", "eval")
 
 def load_config(path: str | os.PathLike) -> RunConfig:
     """Read and validate a run config file; raise ``ConfigError`` on the first problem.
@@ -206,7 +214,9 @@ def parse_config(data: dict, source: str, base_dir: Path) -> RunConfig:
     model = _parse_model(single_table(data, "model", source), source, base_dir)
     train = _parse_train(single_table(data, "train", source), source)
     adapters = parse_adapter_tables(adapter_tables(data, source), source, train, base_dir)
-    return RunConfig(model=model, train=train, adapters=adapters, source=source)
+    evals = parse_eval_tables(eval_tables(data, source), source, base_dir)
+    check_eval_names(adapters, evals, source)
+    return RunConfig(model=model, train=train, adapters=adapters, evals=evals, source=source)
 
 
 def apply_model_overrides(config: RunConfig, overrides: dict[str, Any],
@@ -313,6 +323,7 @@ def _parse_adapter(raw: Any, position: int, source: str, train: TrainConfig,
     apply_rules(adapter, _ADAPTER_RULES, where, raw)
     _check_adapter_combinations(adapter, where)
     _check_mixlora(adapter, where)
+    check_adapter_eval_fields(adapter, where)
     adapter.data = check_data(adapter.data, base_dir, where)
     adapter.prompt = check_prompt(adapter.prompt, base_dir, where)
     adapter.init_from = check_init_from(adapter.init_from, base_dir, where)
@@ -397,6 +408,8 @@ def _convert(value: Any, hint: Any, where: Where, key: str) -> Any:
         return convert_targets(value, where)
     if key == "expert_lora":
         return _convert_expert_lora(value, where)
+    if key == "eval_tasks":
+        return convert_eval_tasks(value, where)
     return convert_value(value, hint, where, key)
 
 
@@ -459,6 +472,7 @@ _ADAPTER_RULES = {
     "val_set_size": int_at_least(0),
     "max_grad_norm": number(0, low_open=True),
     "seed": int_between(0, MAX_SEED),
+    "eval_steps": int_at_least(1),
     # MixLoRA
     "routing_strategy": one_of(ROUTING_STRATEGIES),
     "num_experts": int_between(1, MAX_EXPERTS),
@@ -501,7 +515,7 @@ def _field_homes() -> dict[str, list[str]]:
     """Where each field belongs, to tell a user who put one in the wrong table."""
     homes: dict[str, list[str]] = {}
     for cls, table in ((ModelConfig, "[model]"), (TrainConfig, "[train]"),
-                       (AdapterConfig, "[[adapter]]")):
+                       (AdapterConfig, "[[adapter]]"), (EvalConfig, "[[eval]]")):
         for name in _field_names(cls):
             homes.setdefault(name, []).append(table)
     return homes

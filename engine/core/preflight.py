@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import RunConfig, apply_model_overrides, load_config
+from engine.core.config_eval import load_eval_tasks
 from engine.core.data_files import load_data_file
 from engine.core.errors import UserError
 from engine.core.outputs import check_output_dir, set_aside_run
@@ -57,6 +58,7 @@ def preflight(config_path: str | os.PathLike, *, model_overrides: dict[str, Any]
     if model_overrides:
         apply_model_overrides(config, model_overrides)
     data = [_summary(adapter.name, adapter.data) for adapter in config.adapters]
+    load_eval_tasks(config.evals, config.source)    # a bad [[eval]] task file stops it here
     output_dir = Path(os.path.abspath(config.train.output_dir))
     if not check_output:
         return Preflight(config, data, output_dir)

@@ -50,6 +50,10 @@ REQUESTS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
     "resume": ({"job": str}, {}),
     "cancel": ({"job": str}, {}),
     # -> {"job": name, "state": new state}
+    "evaluate": ({"job": str}, {}),
+    # evaluate the job at the next step boundary (its eval_tasks, or every [[eval]] task
+    # when it lists none, and its validation loss) -> {"job": name, "tasks": [names],
+    # "eval_loss": bool}; the results come as an "eval" event
     "save": ({}, {"job": str}),
     # checkpoint now: one job, or every unfinished job -> {"paths": [...]}
     "stop": ({}, {}),

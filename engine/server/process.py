@@ -4,8 +4,8 @@
 
 - The **main thread** (``EngineServer``) loads the model and runs
   ``Engine.run(poll=...)``. ``poll``, called between steps, takes the requests the
-  listener queued and applies them in arrival order (pause, resume, cancel, add_jobs, save,
-  stop, status): only this thread touches the engine, so a command never lands in the
+  listener queued and applies them in arrival order (pause, resume, cancel, evaluate,
+  add_jobs, save, stop, status): only this thread touches the engine, so a command never lands in the
   middle of a step.
 - The **listener thread** (``engine.server.listener``) does all socket I/O, answers
   ``hello`` and ``subscribe`` itself, queues the other requests for the main thread, and
@@ -333,6 +333,9 @@ class EngineServer:
     def _do_cancel(self, client_id: int, job: str) -> dict:
         self.engine.cancel(job)
         return {"job": job, "state": self.engine.jobs[job].state}
+
+    def _do_evaluate(self, client_id: int, job: str) -> dict:
+        return self.engine.request_evaluation(job)
 
     def _do_save(self, client_id: int, job: str | None = None) -> dict:
         return {"paths": [str(path) for path in self.engine.save_now(job)]}

@@ -36,6 +36,7 @@ from engine.core.events import EventWriter, restore_file
 from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
 from engine.core.outputs import write_run_record
 from engine.train.admission import Admission
+from engine.train.evals import EvalRunner
 from engine.train.job import Job
 from engine.train.lora import BatchLayout
 from engine.train.packing import packing_problem
@@ -77,6 +78,7 @@ class Engine:
         manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
         if manifest is not None:
             check_resumable(checkpoint, manifest, config)
+        self.evals = EvalRunner(self)   # reads the [[eval]] tasks: a bad file stops it here
         self.device = select_device()
         # see plan_passes; tests set it to force one pass
         self.pass_overhead = PASS_OVERHEAD_TOKENS.get(self.device.type, DEFAULT_PASS_OVERHEAD)
@@ -163,6 +165,7 @@ class Engine:
         if cfg.name in self.jobs:
             raise ConfigError(f"an adapter named {cfg.name!r} already exists in this engine",
                               table=f'adapter "{cfg.name}"', field="name")
+        self.evals.check_job(cfg)
         seed = cfg.seed if cfg.seed is not None else self.config.train.seed
         template = load_template(cfg.prompt)
         data = JobData.from_config(cfg, self.tokenizer, template,
@@ -283,16 +286,19 @@ class Engine:
             while not self._stop_requested and (max_steps is None or steps < max_steps):
                 if poll is not None:
                     poll(False)
+                    self.evals.run_requested()
                     if self._stop_requested:
                         break
                 jobs = self._schedule()
                 if not jobs:
                     if poll is not None and any(j.state == PAUSED for j in self.jobs.values()):
                         poll(True)
+                        self.evals.run_requested()
                         continue
                     break
                 self.step(jobs)
                 steps += 1
+            self.evals.run_requested()   # asked for before the last step boundary
             unfinished = [j for j in self.jobs.values()
                           if j.state in (RUNNING, PAUSED, QUEUED) and j.micro_batches_drawn]
             if unfinished and self._checkpointed_step != self.engine_step:
@@ -412,15 +418,18 @@ class Engine:
         return stepped
 
     def _after_steps(self, stepped: list[tuple[Job, dict]]) -> bool:
-        """The step events; jobs at their last step evaluate and save. Returns whether a
-        job reached ``save_step``, so that a checkpoint is due."""
+        """The step events; the jobs due are evaluated, in one batch (engine/train/evals.py);
+        jobs at their last step save. Returns whether a job reached ``save_step``, so that
+        a checkpoint is due."""
         save = False
         for job, metrics in stepped:
             self.emit("step", job=job.name, **metrics)
             for kind, fields in job.adapter.step_events():   # MixLoRA: tokens per expert
                 self.emit(kind, job=job.name, step=job.step, **fields)
-            if job.step >= job.total_steps:
-                self._finish(job)
+        finished = self.evals.after_step([job for job, _ in stepped])
+        for job, _ in stepped:
+            if job in finished:
+                self._finish(job, evaluated=True)
             elif job.step % self.config.train.save_step == 0:
                 save = True
         return save
@@ -500,18 +509,13 @@ class Engine:
         self.emit("resumed", path=str(path), engine_step=self.engine_step,
                   jobs={job.name: job.step for job in self.jobs.values()})
 
-    def _finish(self, job: Job) -> None:
-        try:
-            eval_loss = self.evaluate(job)
-        except torch.OutOfMemoryError:
-            self._free_memory()
-            eval_loss = None
-            self.log(f"{job.name}: out of memory while evaluating; its adapter is saved "
-                     "without an eval_loss (lower micro_batch_size to evaluate)",
-                     level="warning")
-        if eval_loss is not None:
-            job.eval_loss = eval_loss
-            self.emit("eval", job=job.name, step=job.step, eval_loss=eval_loss)
+    def request_evaluation(self, name: str) -> dict:
+        """Evaluate a job at the next step boundary (the ``evaluate`` request)."""
+        return self.evals.request(name)
+
+    def _finish(self, job: Job, evaluated: bool = False) -> None:
+        if not evaluated:     # its validation loss and eval_tasks, after its last step
+            self.evals.evaluate([job])
         path = self.adapter_dir(job)
         try:
             write_files_atomically(path, self._adapter_files(job))

@@ -55,6 +55,7 @@ class Job:
         self.history: list[dict] = []
         self.last_metrics: dict = {}
         self.eval_loss: float | None = None
+        self.scores: dict[str, dict] = {}   # {[[eval]] task: its metrics}, the latest of each
         # Counts micro-batches drawn: with the seed it names each micro-batch's dropout masks.
         self.micro_batches_drawn = 0
         self.parameters = params["A"] + params["B"] + params["magnitude"]
@@ -182,7 +183,8 @@ class Job:
         return {"name": self.name, "state": self.state, "reason": self.reason,
                 "step": self.step, "total_steps": self.total_steps,
                 "epoch": self.epoch_progress(), "variant": self.variant, "r": self.cfg.r,
-                "loss": last.get("loss"), "eval_loss": self.eval_loss, "lr": last.get("lr"),
+                "loss": last.get("loss"), "eval_loss": self.eval_loss, "scores": self.scores,
+                "lr": last.get("lr"),
                 "grad_norm": last.get("grad_norm"), "tokens_per_s": last.get("tokens_per_s"),
                 "eta_s": last.get("eta_s"), "adapter": asdict(self.cfg)}
 
@@ -195,7 +197,8 @@ class Job:
                 "batch_targets": self._batch_targets, "loss_sum": self._loss_sum,
                 "tokens": self._tokens, "micro_batches_drawn": self.micro_batches_drawn,
                 "history": self.history, "last_metrics": self.last_metrics,
-                "eval_loss": self.eval_loss, "step_seconds": self._step_seconds}
+                "eval_loss": self.eval_loss, "scores": self.scores,
+                "step_seconds": self._step_seconds}
 
     def restore_position(self, saved: dict) -> None:
         self.state, self.reason = saved["state"], saved["reason"]
@@ -206,6 +209,7 @@ class Job:
         self.micro_batches_drawn = saved["micro_batches_drawn"]
         self.history, self.last_metrics = saved["history"], saved["last_metrics"]
         self.eval_loss, self._step_seconds = saved["eval_loss"], saved["step_seconds"]
+        self.scores = saved.get("scores", {})     # checkpoints from before evaluation tasks
 
     def epoch_progress(self) -> float:
         per_epoch = self.data.steps_per_epoch

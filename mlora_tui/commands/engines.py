@@ -204,6 +204,19 @@ _job_command("cancel", "Cancel a job for good: its adapter leaves the engine; ch
                        "already saved stay.")
 
 
+@jobs_app.command("evaluate", help="Evaluate a job now (at the next step boundary): its "
+                                   "eval_tasks, or every [[eval]] task, and its validation loss.")
+def jobs_evaluate(
+    name: Annotated[str, typer.Argument(help="The job (adapter) name.", show_default=False)],
+    engine: EngineOption = None,
+) -> None:
+    result = engine_request(engine, lambda client: client.evaluate_job(name))
+    parts = list(result.get("tasks") or []) + (["validation loss"] if result.get("eval_loss")
+                                                else [])
+    say(f"{name}: evaluating ({', '.join(parts)}); the results come as an eval event "
+        "(mlora jobs list shows them)")
+
+
 @jobs_app.command("save", help="Save a checkpoint now, of one job or of every unfinished "
                                "job.")
 def jobs_save(
