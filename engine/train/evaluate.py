@@ -47,8 +47,12 @@ def evaluate(adapters: Sequence[str | Path], tasks: Sequence[TaskSpec], *,
     document = {"results": results}
     if write_folders:
         for row in aset.rows:
-            if row.folder is not None:
+            if row.folder is None:
+                continue
+            try:
                 write_results(row.folder, {"results": {row.name: results[row.name]}})
+            except UserError as e:    # the results still reach the caller
+                (log or print)(f"warning: {e}")
     return document
 
 
