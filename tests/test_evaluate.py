@@ -291,3 +291,23 @@ def test_perplexity_is_the_mean_loss_on_target_tokens(tiny_llama, adapters, tmp_
         assert got["tokens"] == count
         assert got["loss"] == pytest.approx(total / count, rel=1e-5)
         assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_a_context_past_the_models_length_is_cut_from_the_left_as_lm_eval_does(tiny_llama,
+                                                                               adapters):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokens = HarnessTokens(tokenizer)
+    context = " ".join(f"w{i}" for i in range(150))       # over the 256-token context
+    requests = [(context, " end"), (context, " other end")]
+    aset = load_adapter_set([adapters["lora"]])
+    scored = choice_logliks(aset, [requests])[aset.rows[0].adapter][0]
+    model = _peft(tiny_llama, adapters["lora"])
+    for (ll, _), (ctx_text, cont_text) in zip(scored, requests):
+        ctx, cont = tokens.pair(ctx_text, cont_text)
+        assert len(ctx) + len(cont) > 257
+        inp = (ctx + cont)[-257:][:-1]               # lm_eval's _loglikelihood_tokens
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), -1)
+        first = len(inp) - len(cont)
+        expected = sum(float(lp[first + k, t]) for k, t in enumerate(cont))
+        assert ll == pytest.approx(expected, rel=1e-5)
