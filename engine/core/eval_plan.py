@@ -50,7 +50,8 @@ def config_evaluation(config_path: str | os.PathLike, limit: Optional[int] = Non
         names = ", ".join(a.name for a in config.adapters)
         raise UserError(f"{config_path}: no adapter of this run is saved yet (looked for "
                         f"{output_dir}/<name>/{ADAPTER_CONFIG} for {names}); train it first "
-                        "(mlora run / mlora serve), or give adapter folders with --adapter")
+                        "(mlora run / mlora serve), or evaluate adapter folders with "
+                        "--adapter and --task")
     if not config.evals:
         raise UserError(f"{config_path}: the config has no [[eval]] table; add one (name, "
                         "format, data) or give tasks with --task")
