@@ -1,64 +1,105 @@
-"""Trying a trained adapter: generate a continuation of one prompt, with or without it.
+"""Trying trained adapters side by side: each answers the same prompt, in one batched decode.
 
-``generate`` reads an adapter folder as written by the engine (PEFT files plus
-``mlora_adapter.json``), loads the base model it was trained on, attaches the adapter to
-the same layers with the engine's own LoRA layers, and formats the prompt exactly as
-training formatted an Alpaca row with that instruction and input, so what the adapter
-sees at generation time is what it learnt on. ``base_only`` runs the same prompt through
-the bare base model, for comparison.
+``generate_many`` reads adapter folders (this product's, PEFT's own), loads the base model
+they were trained on once (``adapter_set``), and formats the prompt for each adapter exactly
+as training formatted an Alpaca row with that instruction and input (its own template), so
+what an adapter sees at generation time is what it learnt on. All rows then decode together
+(``decode.BatchedDecoder``: one forward per new token for every adapter, a KV cache, rows
+leaving the batch as they finish). ``base_only`` runs the prompt through the bare base model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from engine.train.adapter_set import (attach_saved, base_model_path, check_supported,
-                                      saved_template)
-from engine.train.adapters import read_adapter_folder
-from engine.core.config import ModelConfig
 from engine.core.errors import UserError
-from engine.train.lora import BatchLayout
-from engine.train.models import load_base_model, select_device
 from engine.core.prompts import PromptTemplate
+from engine.train.adapter_set import attach_saved, load_adapter_set, saved_template
+from engine.train.decode import BatchedDecoder, DecodeRow, SamplingSettings
+from engine.train.lora import BatchLayout
+from engine.train.scoring import max_length
 
 ADAPTER_NAME = "adapter"   # the adapter's name inside the model; any name would do
 
 
-def generate(adapter_dir: str | Path, prompt: str, *, input: str = "", base_only: bool = False,
-             max_new_tokens: int = 64, temperature: float = 0.0,
-             base_model: Optional[str] = None, raw: bool = False, seed: Optional[int] = None,
-             log: Optional[Callable[[str], None]] = None) -> str:
-    """The text the model generates after ``prompt`` (the continuation only).
+@dataclass
+class Generation:
+    """One row's answer: its name, the text, and why it stopped ("eos" or "length")."""
+    name: str
+    text: str
+    tokens: int
+    stop: str
 
-    ``temperature`` 0 decodes greedily; above 0 it samples (``seed`` makes that
-    repeatable). ``base_model`` overrides the base model recorded in the adapter folder.
-    ``raw`` sends ``prompt`` as is instead of through the adapter's prompt template (for
-    adapters trained on plain text rows). Every user mistake raises ``UserError``.
+
+def generate_many(adapters: Sequence[str | Path], prompt: str, *, input: str = "",
+                  include_base: bool = False, base_only: bool = False,
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: Optional[int] = None, base_model: Optional[str] = None,
+                  raw: bool = False, log: Optional[Callable[[str], None]] = None,
+                  on_text: Optional[Callable[[str, str], None]] = None) -> list[Generation]:
+    """Every adapter's answer to ``prompt`` (and the base model's with ``include_base``; the
+    base model's alone with ``base_only``), in one batched decode.
+
+    Each adapter's prompt goes through its own template (``raw``: the prompt as is); the
+    base row uses the first adapter's. ``on_text(name, text so far)`` streams the answers.
+    Every user mistake raises ``UserError``.
     """
+    _check_options(prompt, max_new_tokens, temperature, top_p)
+    aset = load_adapter_set(list(adapters), include_base=include_base or base_only,
+                            base_model=base_model, log=log)
+    rows = [r for r in aset.rows if r.adapter is None] if base_only else aset.rows
+    first = next((r for r in aset.rows if r.adapter is not None), None)
+    decode_rows = []
+    for row in rows:
+        source = row if row.adapter is not None else first
+        template = None if raw or source is None else _template(source.meta, source.folder)
+        ids = prompt_ids(prompt, aset.tokenizer, template, input)
+        _check_length(aset, ids, max_new_tokens, row.name)
+        decode_rows.append(DecodeRow(row.adapter, ids, key=row.name))
+    tokenizer = aset.tokenizer
+    texts = {}
+
+    def on_token(i: int, _token: int) -> None:
+        if on_text:
+            text = tokenizer.decode(decode_rows[i].tokens, skip_special_tokens=True)
+            on_text(rows[i].name, text.strip())
+
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+    decoder = BatchedDecoder(aset, decode_rows, settings, stop_ids(aset.model, tokenizer),
+                             on_token=on_token)
+    decoder.run()
+    for row, done in zip(rows, decode_rows):
+        texts[row.name] = Generation(row.name, tokenizer.decode(
+            done.tokens, skip_special_tokens=True).strip(), len(done.tokens), done.stop)
+    return [texts[row.name] for row in rows]
+
+
+def generate(adapter_dir: str | Path, prompt: str, *, base_only: bool = False, **options) -> str:
+    """One adapter's answer (or, ``base_only``, its base model's): ``generate_many``'s text."""
+    return generate_many([adapter_dir], prompt, base_only=base_only, **options)[0].text
+
+
+def _check_options(prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    adapter_dir = Path(adapter_dir)
-    peft_cfg, state, meta = read_adapter_folder(adapter_dir)
-    check_supported(peft_cfg, adapter_dir)
-    template = None if raw else _template(meta, adapter_dir)
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
-    device = select_device()
-    model_path = base_model_path(base_model, peft_cfg, meta, adapter_dir, log)
-    # The base runs as the adapter was trained on it (dtype, quantization: recorded beside it).
-    model_cfg = ModelConfig(base_model=str(model_path), dtype=meta.get("dtype", "fp32"),
-                            quantize=meta.get("quantize", "none"))
-    model, tokenizer, _info = load_base_model(model_cfg, device, log=log)
-    if not base_only:
-        attach_saved_adapter(model, peft_cfg, state, adapter_dir, device)
 
-    ids = prompt_ids(prompt, tokenizer, template, input)
-    return _decode_continuation(model, tokenizer, ids, device, max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed)
+def _check_length(aset, ids: list[int], max_new_tokens: int, name: str) -> None:
+    limit = max_length(aset.model, aset.tokenizer)
+    if len(ids) + max_new_tokens > limit:
+        raise UserError(f"{name}: the prompt ({len(ids)} tokens) and --max-new-tokens "
+                        f"{max_new_tokens} exceed the model's context of {limit} tokens; "
+                        "shorten the prompt or ask for fewer tokens")
 
 
 def attach_saved_adapter(model, peft_cfg: dict, state: dict, adapter_dir: str | Path,
@@ -91,28 +132,7 @@ def prompt_ids(instruction: str, tokenizer: Any, template: Optional[PromptTempla
     return ids
 
 
-@torch.inference_mode()
-def _decode_continuation(model, tokenizer, ids: list[int], device: torch.device, *,
-                         max_new_tokens: int, temperature: float, seed: Optional[int]) -> str:
-    from transformers import GenerationConfig
-
-    sample = temperature > 0
-    # Every field is explicit so the model's own generation_config (which may ask for
-    # sampling, top-p and so on) does not change what --temperature means.
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
-                                   pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=_stop_ids(model, tokenizer))
-    if sample:
-        options.update(temperature=temperature, top_k=0, top_p=1.0)
-        if seed is not None:
-            torch.manual_seed(seed)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                            generation_config=GenerationConfig(**options))
-    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     """EOS ids of the tokenizer and of the model's generation config (chat models add theirs)."""
     stops = [tokenizer.eos_token_id]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
