@@ -311,3 +311,52 @@ def test_a_context_past_the_models_length_is_cut_from_the_left_as_lm_eval_does(t
         first = len(inp) - len(cont)
         expected = sum(float(lp[first + k, t]) for k, t in enumerate(cont))
         assert ll == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("fields", [
+    {"target_modules": r".*\.layers\.1\..*(q_proj|down_proj)"},             # a regex
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "v_proj", "down_proj"], "rank_pattern": {"v_proj": 8},
+     "alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 32}},
+], ids=["regex", "all-linear", "patterns"])
+def test_peft_target_forms_and_rank_patterns_load_as_peft_reads_them(tiny_llama, tmp_path,
+                                                                      fields):
+    targets = fields.pop("target_modules")
+    folder = tmp_path / "peft"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
+                             **fields)
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    aset = load_adapter_set([folder])
+    scored = choice_logliks(aset, ITEMS)[aset.rows[0].adapter]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    reference = _harness_logliks(_peft(tiny_llama, folder), tokenizer, ITEMS)
+    _close([[ll for ll, _ in i] for i in scored], reference, 1e-5)
+    plain = _harness_logliks(_peft(tiny_llama, None), tokenizer, ITEMS)
+    assert max(abs(a - b) for x, y in zip(reference, plain) for a, b in zip(x, y)) > 1e-4
+
+
+def test_a_regex_adapter_and_a_list_adapter_share_the_wrapped_layers(tiny_llama, adapters,
+                                                                     tmp_path):
+    folder = tmp_path / "regex"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=2, target_modules=r".*\.(q_proj|up_proj)", task_type="CAUSAL_LM"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    aset = load_adapter_set([adapters["lora"], folder])      # q_proj is wrapped first
+    scored = choice_logliks(aset, ITEMS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    for row in aset.rows:
+        reference = _harness_logliks(_peft(tiny_llama, row.folder), tokenizer, ITEMS)
+        _close([[ll for ll, _ in i] for i in scored[row.adapter]], reference, 1e-5)

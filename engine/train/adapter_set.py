@@ -20,7 +20,7 @@ from engine.core.config import ModelConfig
 from engine.core.errors import ConfigError, UserError
 from engine.core.prompts import PromptTemplate, load_template
 from engine.train.adapters import load_adapter_state, read_adapter_folder
-from engine.train.lora import BatchLayout
+from engine.train.lora import BatchLayout, MultiLoraLinear
 from engine.train.models import (_decoder_layers_prefix, find_target_linears, load_base_model,
                                  resolve_base_model, select_device)
 from engine.train.variants import variant_for
@@ -165,8 +165,6 @@ def base_model_path(override: Optional[str], peft_cfg: dict, meta: dict, adapter
 _UNSUPPORTED = {
     "bias": ("none", None),
     "modules_to_save": (None, []),
-    "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}),
     "layers_to_transform": (None, [], ()),
     "fan_in_fan_out": (False, None),
     "lora_bias": (False, None),
@@ -193,17 +191,26 @@ def target_linears(model, peft_cfg: dict, adapter_dir: Path) -> list[str]:
     each module's name, or ``"all-linear"`` (every decoder linear)."""
     path = adapter_dir / "adapter_config.json"
     targets = peft_cfg.get("target_modules")
-    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+    is_list = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if is_list and targets and not any("." in t for t in targets):
         return list(find_target_linears(model, targets))
-    if not isinstance(targets, str) or not targets:
+    if not (is_list and targets) and not (isinstance(targets, str) and targets):
         raise UserError(f"{path}: target_modules must be a list of module names, a regular "
                         f"expression or 'all-linear', got {targets!r}")
     prefix = _decoder_layers_prefix(model)
+    # A linear already wrapped for another adapter counts under its own name.
     linears = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.startswith(prefix)
-               and not name.endswith(".base")]
+               if isinstance(module, (torch.nn.Linear, MultiLoraLinear))
+               and name.startswith(prefix) and not name.endswith(".base")]
     if targets == "all-linear":
         return linears
+    if is_list:     # dotted names (PEFT writes all-linear out so): a name or its ending
+        found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
+        if missing:
+            raise UserError(f"{path}: target module {missing[0]!r} is not a linear layer of "
+                            f"the base model's decoder")
+        return found
     try:
         found = [name for name in linears if re.fullmatch(targets, name)]
     except re.error as e:
@@ -220,15 +227,53 @@ def attach_saved(model, layout: BatchLayout, name: str, peft_cfg: dict, state: d
     """Attach a saved adapter (``read_adapter_folder``'s config and tensors) as ``name``.
 
     Of any variant the config describes (engine/train/variants: LoRA, DoRA, MixLoRA with
-    peft_type MIXLORA).
+    peft_type MIXLORA). PEFT's ``rank_pattern`` and ``alpha_pattern`` give some modules
+    their own rank and alpha: those modules are attached with their own fields.
     """
     adapter_dir = Path(adapter_dir)
+    path = adapter_dir / "adapter_config.json"
     check_supported(peft_cfg, adapter_dir)
     linears = target_linears(model, peft_cfg, adapter_dir)
-    try:
-        variant = variant_for(name, peft_cfg)
-    except (ValueError, TypeError) as e:   # fields the config could not resolve
-        raise UserError(f"{adapter_dir / 'adapter_config.json'}: not a valid adapter config "
-                        f"({e})") from None
-    variant.attach(model, layout, linears, init_seed=0, device=device)
+    groups = _pattern_groups(peft_cfg, linears, path)
+    for fields, members in groups.items():
+        try:
+            variant = variant_for(name, dict(peft_cfg, r=fields[0], lora_alpha=fields[1]))
+        except (ValueError, TypeError) as e:   # fields the config could not resolve
+            raise UserError(f"{path}: not a valid adapter config ({e})") from None
+        variant.attach(model, layout, members, init_seed=0, device=device)
     load_adapter_state(model, name, state, source=str(adapter_dir))
+
+
+def _pattern_groups(peft_cfg: dict, linears: list[str], path: Path) -> dict[tuple, list[str]]:
+    """The target linears grouped by their (r, lora_alpha), as PEFT resolves
+    ``rank_pattern``/``alpha_pattern``: the first key ``k`` for which
+    ``re.match(rf"(.*\\.)?({k})$", module name)`` matches (PEFT's ``get_pattern_key``),
+    else the config's own r and lora_alpha."""
+    r, alpha = peft_cfg.get("r"), peft_cfg.get("lora_alpha", peft_cfg.get("r"))
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = peft_cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {key} must be a mapping of module patterns to numbers")
+        patterns[key] = value
+    if (patterns["rank_pattern"] or patterns["alpha_pattern"]) and peft_cfg.get("routing_strategy"):
+        raise UserError(f"{path}: rank_pattern/alpha_pattern are not supported on a MixLoRA "
+                        "adapter")
+    groups: dict[tuple, list[str]] = {}
+    for module in linears:
+        own_r = _pattern_value(patterns["rank_pattern"], module, r, path)
+        own_alpha = _pattern_value(patterns["alpha_pattern"], module, alpha, path)
+        groups.setdefault((own_r, own_alpha), []).append(module)
+    return groups
+
+
+def _pattern_value(pattern: dict, module: str, default, path: Path):
+    for key, value in pattern.items():
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise UserError(f"{path}: pattern {key!r} is not a valid regular expression "
+                            f"({e})") from None
+        if matched:
+            return value
+    return default
