@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import os
 import socket
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from engine.core import protocol as p
 
@@ -49,6 +49,7 @@ class EngineClient:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, asyncio.Queue] = {}   # request id -> its stream messages
         self._events: asyncio.Queue | None = None
         self._closed_reason: str | None = None
         self._refusal: str | None = None   # an error tied to no request (why it closes)
@@ -78,13 +79,18 @@ class EngineClient:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def request(self, type_: str, **params: Any) -> dict:
-        """Send one request and wait for its reply's result; RequestFailed on an error."""
+    async def request(self, type_: str, _stream: asyncio.Queue | None = None,
+                      **params: Any) -> dict:
+        """Send one request and wait for its reply's result; RequestFailed on an error.
+        ``_stream`` receives the request's stream messages' data (and ``_END`` if the
+        connection closes)."""
         if self._closed_reason is not None:
             raise EngineUnavailable(self._closed_reason)
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if _stream is not None:
+            self._streams[request_id] = _stream
         try:
             self._writer.write(p.encode(p.request(request_id, type_, **params)))
             await self._writer.drain()
@@ -119,6 +125,36 @@ class EngineClient:
         """Evaluate a job at the next step boundary: {"job", "tasks": [names], "eval_loss":
         bool}; the results arrive as an "eval" event (``scores``, ``eval_loss``)."""
         return await self.request("evaluate", job=name)
+
+    async def generate(self, prompt: str, *, jobs: list[str] | None = None, base: bool = False,
+                       input: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, raw: bool = False,
+                       on_reply: Callable[[dict], None] | None = None,
+                       on_update: Callable[[dict], None] | None = None) -> dict:
+        """The jobs' adapters (and the base model) answer ``prompt``, with each job's weights
+        as of this request, while the engine trains. ``on_reply`` gets the reply (the rows
+        and their steps), ``on_update`` each stream message's data (``texts`` so far).
+        Returns the last data: ``texts``, ``stops``, ``done`` (and ``error`` if it failed)."""
+        params: dict[str, Any] = {"prompt": prompt, "base": base, "input": input,
+                                  "max_new_tokens": max_new_tokens,
+                                  "temperature": float(temperature), "top_p": float(top_p),
+                                  "raw": raw}
+        if jobs is not None:
+            params["jobs"] = list(jobs)
+        if seed is not None:
+            params["seed"] = seed
+        stream: asyncio.Queue = asyncio.Queue()
+        reply = await self.request("generate", _stream=stream, **params)
+        if on_reply:
+            on_reply(reply)
+        while True:
+            data = await stream.get()
+            if data is _END:
+                raise EngineUnavailable(self._closed_reason or "the engine connection closed")
+            if on_update:
+                on_update(data)
+            if data.get("done"):
+                return {**data, "rows": reply.get("rows", [])}
 
     async def save(self, job: str | None = None) -> dict:
         """Checkpoint one job now, or every unfinished one: {"paths": [...]}."""
@@ -212,6 +248,17 @@ class EngineClient:
                 self._events.put_nowait({**event, "seq": message.get("seq")})
             return
         request_id = message.get("id")
+        if kind == "stream":
+            data = message.get("data")
+            if not isinstance(data, dict):
+                raise TypeError(f"a stream message's data must be an object, got "
+                                f"{type(data).__name__}")
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(data)
+                if data.get("done"):
+                    self._streams.pop(request_id, None)
+            return
         future = self._pending.get(request_id) if isinstance(request_id, int) else None
         if future is None or future.done():
             # An error not tied to a request we wait for: the engine says why it is about
@@ -236,6 +283,9 @@ class EngineClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(EngineUnavailable(reason))
+        for queue in self._streams.values():
+            queue.put_nowait(_END)
+        self._streams.clear()
         if self._events is not None:
             self._events.put_nowait(_END)
 

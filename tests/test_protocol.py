@@ -35,6 +35,8 @@ SAMPLE_PARAMS = {
     "evaluate": {"job": "a"},
     "save": {"job": "a"},
     "stop": {},
+    "generate": {"prompt": "hi", "jobs": ["a"], "base": True, "input": "", "max_new_tokens": 8,
+                 "temperature": 0.5, "top_p": 0.9, "seed": 1, "raw": False},
 }
 
 
@@ -293,3 +295,10 @@ def test_garbage_gets_errors_and_the_engine_trains_on(engine):
     assert fresh.hello()["result"]["engine"]["pid"] == engine["pid"]
     fresh.close()
     watcher.close()
+
+
+def test_a_float_parameter_takes_an_integer_but_not_a_boolean():
+    _id, _type, params = p.parse_request(p.request(3, "generate", prompt="x", temperature=1))
+    assert params["temperature"] == 1.0 and isinstance(params["temperature"], float)
+    with pytest.raises(p.ProtocolError, match="temperature"):
+        p.parse_request(p.request(3, "generate", prompt="x", temperature=True))

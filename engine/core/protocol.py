@@ -7,6 +7,10 @@ newline-terminated, at most ``MAX_LINE_BYTES``). Four kinds of message:
     reply    engine -> client  {"kind": "reply", "id": 7, "result": {...}}
     error    engine -> client  {"kind": "error", "id": 7 | null, "code": "...", "message": "..."}
     event    engine -> client  {"kind": "event", "seq": 42, "event": {"type": "step", ...}}
+    stream   engine -> client  {"kind": "stream", "id": 7, "data": {...}}
+
+A ``stream`` message goes to the client that made request ``id`` only, after its reply: the
+answers of a ``generate`` request as they grow (never events, never in metrics.jsonl).
 
 The first request on a connection must be ``hello`` with ``PROTOCOL_VERSION``; a wrong
 version gets an error with code ``version_mismatch`` and the connection is closed, and so
@@ -58,7 +62,18 @@ REQUESTS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
     # checkpoint now: one job, or every unfinished job -> {"paths": [...]}
     "stop": ({}, {}),
     # graceful: checkpoint every unfinished job, then exit -> {} (then the connection closes)
+    "generate": ({"prompt": str}, {"jobs": list, "base": bool, "input": str,
+                                   "max_new_tokens": int, "temperature": float,
+                                   "top_p": float, "seed": int, "raw": bool}),
+    # the jobs' adapters (every unfinished job's when "jobs" is left out) and, with "base",
+    # the base model answer the prompt, each job's weights as of this request ->
+    # {"rows": [{"name", "step"}], "slice_tokens": n}; then stream messages
+    # {"texts": {name: text so far}, "done": false}, ..., and a last one with "done": true
+    # and "stops": {name: "eos" | "length"} (or "error": message). Between two training
+    # steps each generation decodes at most slice_tokens tokens.
 }
+MAX_GENERATIONS = 4          # generations decoding at once in one engine
+MAX_GENERATE_TOKENS = 1024   # a generate request's max_new_tokens at most
 
 # Error codes.
 BAD_JSON = "bad_json"                  # the line is not JSON (or not UTF-8)
@@ -135,7 +150,9 @@ def parse_request(message: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
         kind = required.get(name) or optional.get(name)
         if kind is None:
             raise ProtocolError(BAD_MESSAGE, f"{type_}: unknown parameter {name!r}", request_id)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            params[name] = value = float(value)        # JSON writes 1.0 as 1
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise ProtocolError(BAD_MESSAGE, f"{type_}: parameter {name!r} must be "
                                              f"{kind.__name__}", request_id)
     return request_id, type_, params
@@ -158,3 +175,7 @@ def error(code: str, message: str, request_id: int | None = None) -> dict[str, A
 
 def event(seq: int, payload: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "event", "seq": seq, "event": payload}
+
+
+def stream(request_id: int, data: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "stream", "id": request_id, "data": data}

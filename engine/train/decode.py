@@ -18,6 +18,7 @@ training engine's random state (which checkpoints record) is untouched.
 from __future__ import annotations
 
 import inspect
+import secrets
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -72,7 +73,8 @@ class BatchedDecoder:
         self.generators: dict[int, torch.Generator] = {}
         self.steps_rows: list[int] = []     # rows in the batch at each forward (for tests)
         if settings.temperature > 0:
-            seed = settings.seed if settings.seed is not None else torch.seed()
+            # Never torch.seed(): that would reseed the global generator.
+            seed = settings.seed if settings.seed is not None else secrets.randbits(63)
             for i, row in enumerate(self.rows):
                 key = zlib.crc32((row.key or str(i)).encode())
                 self.generators[i] = torch.Generator().manual_seed(mix_seed(seed, key))
