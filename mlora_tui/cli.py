@@ -17,7 +17,7 @@ from __future__ import annotations
 import typer
 
 from engine.core.jobs import EXIT_CODES_HELP
-from mlora_tui.commands import configs, engines, evaluate, generate, run
+from mlora_tui.commands import configs, engines, evaluate, export, generate, run
 
 app = typer.Typer(
     name="mlora",
@@ -44,6 +44,7 @@ app.command(help=configs.CONVERT_HELP)(configs.convert)
 app.command("gen", help=configs.GEN_HELP)(configs.gen)
 app.command(help=generate.GENERATE_HELP)(generate.generate)
 app.command(help=evaluate.EVALUATE_HELP)(evaluate.evaluate)
+app.command(help=export.EXPORT_HELP)(export.export)
 
 
 def main() -> None:
