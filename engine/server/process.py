@@ -308,6 +308,8 @@ class EngineServer:
 
     def _apply(self, client_id: int, request_id: int, type_: str, params: dict) -> None:
         try:
+            if type_ == "generate":     # its stream messages name the request
+                params = {**params, "_request_id": request_id}
             result = getattr(self, f"_do_{type_}")(client_id, **params)
             message = p.reply(request_id, result)
         except UserError as e:
@@ -336,6 +338,11 @@ class EngineServer:
 
     def _do_evaluate(self, client_id: int, job: str) -> dict:
         return self.engine.request_evaluation(job)
+
+    def _do_generate(self, client_id: int, **params) -> dict:
+        request_id = params.pop("_request_id")
+        return self.engine.playground.start(client_id, request_id,
+                                            self.listener.send_from_main, **params)
 
     def _do_save(self, client_id: int, job: str | None = None) -> dict:
         return {"paths": [str(path) for path in self.engine.save_now(job)]}

@@ -37,6 +37,7 @@ from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
 from engine.core.outputs import write_run_record
 from engine.train.admission import Admission
 from engine.train.evals import EvalRunner
+from engine.train.playground import Playground
 from engine.train.job import Job
 from engine.train.lora import BatchLayout
 from engine.train.packing import packing_problem
@@ -79,6 +80,7 @@ class Engine:
         if manifest is not None:
             check_resumable(checkpoint, manifest, config)
         self.evals = EvalRunner(self)   # reads the [[eval]] tasks: a bad file stops it here
+        self.playground = Playground(self)   # generations asked while it trains
         self.device = select_device()
         # see plan_passes; tests set it to force one pass
         self.pass_overhead = PASS_OVERHEAD_TOKENS.get(self.device.type, DEFAULT_PASS_OVERHEAD)
@@ -287,12 +289,14 @@ class Engine:
                 if poll is not None:
                     poll(False)
                     self.evals.run_requested()
+                    self.playground.advance()      # a slice of each open generation
                     if self._stop_requested:
                         break
                 jobs = self._schedule()
                 if not jobs:
-                    if poll is not None and any(j.state == PAUSED for j in self.jobs.values()):
-                        poll(True)
+                    waiting = any(j.state == PAUSED for j in self.jobs.values())
+                    if poll is not None and (waiting or self.playground.active):
+                        poll(not self.playground.active)
                         self.evals.run_requested()
                         continue
                     break
@@ -307,6 +311,7 @@ class Engine:
                 self.log("stopped on request; checkpoint saved" if unfinished
                          else "stopped on request")
         finally:
+            self.playground.close_all("the engine stopped before the answer was done")
             self.emit("run_end", jobs={j.name: {"state": j.state, "step": j.step,
                                                "total_steps": j.total_steps}
                                        for j in self.jobs.values()})

@@ -13,7 +13,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from engine.core.errors import UserError
-from mlora_tui.commands.common import fail, stderr
+from mlora_tui.commands.common import EngineOption, engine_request, fail, stderr
 
 GENERATE_HELP = "\n\n".join([
     "Each adapter (and the base model with --base) answers PROMPT, all in one batched "
@@ -22,7 +22,10 @@ GENERATE_HELP = "\n\n".join([
     "formatted an instruction (with --input, its input). The base model is the one the "
     "adapters were trained on. One adapter alone prints only its text; several print a "
     "panel each (streamed on a terminal); --json prints {\"outputs\": {name: text}}.",
-    "[bold]Exit codes[/bold]: 0 generated; 2 bad adapter folder, base model or option.",
+    "With --job (and --engine when several run), a running engine's jobs answer instead, "
+    "each with its weights as of the request, while they go on training.",
+    "[bold]Exit codes[/bold]: 0 generated; 2 bad adapter folder, base model or option; "
+    "3 no engine.",
 ])
 
 
@@ -57,7 +60,17 @@ def generate(
                       "trained on text rows).")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print {\"outputs\": {name: text}} on stdout.")] = False,
+    job: Annotated[Optional[list[str]], typer.Option(
+        "--job", help="A job of a running engine (its weights as of now); repeat for more.",
+        show_default=False)] = None,
+    engine: EngineOption = None,
 ) -> None:
+    if job or engine:
+        if adapter:
+            fail("give --adapter folders or a running engine's --job, not both")
+        _from_engine(engine, list(job or []), prompt, input_text, base or base_only,
+                     max_new_tokens, temperature, top_p, seed, raw, as_json)
+        return
     from engine.train.generate import generate_many
 
     folders = list(adapter or [])
@@ -106,3 +119,45 @@ def generate(
 def _panels(texts: dict[str, str]) -> Group:
     return Group(*(Panel(Text(text), title=name, title_align="left")
                    for name, text in texts.items()))
+
+
+def _from_engine(engine: Optional[str], jobs: list[str], prompt: str, input_text: str,
+                 base: bool, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: Optional[int], raw: bool, as_json: bool) -> None:
+    """A running engine's jobs answer (every unfinished job's when none is named)."""
+    out = Console(highlight=False)
+    live = None
+    titles: dict[str, str] = {}
+    if not as_json and out.is_terminal:
+        from rich.live import Live
+        live = Live(console=out, refresh_per_second=8)
+
+    def on_reply(reply: dict) -> None:
+        for row in reply.get("rows", []):
+            step = row.get("step")
+            titles[row["name"]] = row["name"] + ("" if step is None else f" (step {step})")
+        if live is not None:
+            live.start()
+
+    def on_update(data: dict) -> None:
+        if live is not None:
+            live.update(_panels({titles.get(n, n): t for n, t in data["texts"].items()}))
+
+    async def ask(client):
+        return await client.generate(prompt, jobs=jobs or None, base=base, input=input_text,
+                                     max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, seed=seed, raw=raw, on_reply=on_reply,
+                                     on_update=on_update)
+
+    try:
+        result = engine_request(engine, ask)
+    finally:
+        if live is not None:
+            live.stop()
+    if result.get("error"):
+        fail(result["error"], 1)
+    texts = result.get("texts", {})
+    if as_json:
+        sys.stdout.write(json.dumps({"outputs": texts}, ensure_ascii=False) + "\n")
+    elif live is None:
+        out.print(_panels({titles.get(n, n): t for n, t in texts.items()}))
