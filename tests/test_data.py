@@ -478,7 +478,17 @@ def test_demo_data_is_generated_and_valid(tok):
     finally:
         sys.path.remove(DEMO_DIR)
     generated = make_demo_data.generate()
-    assert set(generated) == {"uppercase.jsonl", "sentiment.jsonl", "extract_json.jsonl"}
+    assert set(generated) == {"uppercase.jsonl", "sentiment.jsonl", "extract_json.jsonl",
+                              "sentiment_choice.jsonl"}
+    # The evaluation task: balanced, held out from the training reviews, valid mc items.
+    choice_text = generated.pop("sentiment_choice.jsonl")
+    with open(os.path.join(DEMO_DIR, "sentiment_choice.jsonl"), encoding="utf-8",
+              newline="") as f:
+        assert f.read() == choice_text
+    items = [json.loads(line) for line in choice_text.splitlines()]
+    trained = {json.loads(line)["input"] for line in generated["sentiment.jsonl"].splitlines()}
+    assert sorted(i["answer"] for i in items) == [0] * 20 + [1] * 20
+    assert not any(i["question"].split("? ", 1)[1] in trained for i in items)
     template = load_template("alpaca_short")
     for name, text in generated.items():
         path = os.path.join(DEMO_DIR, name)

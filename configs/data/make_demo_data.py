@@ -10,6 +10,10 @@ well under 96 tokens so the demo is quick on a CPU:
 * ``extract_json.jsonl``: pull name, age and city out of a sentence as compact JSON,
   e.g. ``{"name": "Alice", "age": 31, "city": "Paris"}``.
 
+And one evaluation task, ``sentiment_choice.jsonl``: held-out reviews (none is in
+``sentiment.jsonl``) as a 3-way multiple choice (positive, negative, neutral; `mc` format:
+question, choices, answer), on which the demo scores the base model and every adapter.
+
 The rows are generated from word lists with seeded ``random.Random`` instances (string
 seeds, so the output is byte-identical on every run and Python version): no downloads.
 Usage: ``python configs/data/make_demo_data.py [--out DIR]``. Standard library only.
@@ -132,6 +136,28 @@ def make_sentiment(n: int) -> list[dict]:
     return rows
 
 
+EVAL_ROWS = 40
+_CHOICES = ["positive", "negative", "neutral"]
+
+
+def make_sentiment_choice(n: int) -> list[dict]:
+    """Reviews the sentiment adapter never saw, as multiple choice (answer: an index)."""
+    trained = {row["input"] for row in make_sentiment(ROWS_PER_TASK)}
+    rng = random.Random("mlora-tui-demo/sentiment_choice")
+    labels = [True] * (n // 2) + [False] * (n - n // 2)
+    rng.shuffle(labels)
+    rows, seen = [], set(trained)
+    while len(rows) < n:
+        positive = labels[len(rows)]
+        review = f"{rng.choice(_ITEMS)} {rng.choice(_POSITIVE if positive else _NEGATIVE)}."
+        if review in seen:
+            continue
+        seen.add(review)
+        rows.append({"question": f"What is the sentiment of this review? {review}",
+                     "choices": list(_CHOICES), "answer": 0 if positive else 1})
+    return rows
+
+
 # --------------------------------------------------------------------------------------
 # extract_json
 # --------------------------------------------------------------------------------------
@@ -193,8 +219,10 @@ def render(rows: list[dict]) -> str:
 
 
 def generate(n: int = ROWS_PER_TASK) -> dict[str, str]:
-    """File name -> JSONL text, for every demo task."""
-    return {name: render(make(n)) for name, make in TASKS.items()}
+    """File name -> JSONL text, for every demo task (and its evaluation task)."""
+    files = {name: render(make(n)) for name, make in TASKS.items()}
+    files["sentiment_choice.jsonl"] = render(make_sentiment_choice(EVAL_ROWS))
+    return files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -285,6 +285,7 @@ class Engine:
         """
         steps = 0
         try:
+            self.evals.score_base()        # the base model's scores, to compare with
             while not self._stop_requested and (max_steps is None or steps < max_steps):
                 if poll is not None:
                     poll(False)

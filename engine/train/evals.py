@@ -13,7 +13,9 @@ segments carry no dropout seed), no random numbers drawn, and the next training 
 the batch layout again, so training stays bit for bit what it would be without it.
 
 Each evaluated job gets one ``eval`` event: ``{"job", "step", "eval_loss"?, "scores"?}``
-(``scores``: {task: metrics}); a key is present only when that part ran.
+(``scores``: {task: metrics}); a key is present only when that part ran. Before the first
+step, the base model alone is scored once on every task a job lists, for comparison: one
+``base_eval`` event ``{"scores": {task: metrics}}``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from engine.core.config import AdapterConfig
 from engine.core.config_eval import load_eval_tasks
 from engine.core.errors import ConfigError, UserError
 from engine.core.jobs import CANCELLED
-from engine.train.adapter_set import AdapterRow, AdapterSet
+from engine.train.adapter_set import BASE_ROW, AdapterRow, AdapterSet
 from engine.train.evaluate import score_tasks
 from engine.train.job import Job
 
@@ -99,6 +101,25 @@ class EvalRunner:
         if job.cfg.eval_tasks:
             return list(job.cfg.eval_tasks)
         return list(self.tasks) if requested else []
+
+    def score_base(self) -> None:
+        """The base model alone on every task some job lists: one ``base_eval`` event."""
+        engine = self.engine
+        names = list(dict.fromkeys(name for job in engine.jobs.values()
+                                   for name in job.cfg.eval_tasks))
+        if not names:
+            return
+        view = AdapterSet(engine.model, engine.tokenizer, engine.layout,
+                          [AdapterRow(BASE_ROW, None)], engine.device, engine.model_info)
+        try:
+            scores = score_tasks(view, [self.tasks[name] for name in names],
+                                 batch_size=EVAL_BATCH_SIZE)
+        except torch.OutOfMemoryError:
+            engine._free_memory()
+            engine.log("out of memory while scoring the base model; no base scores",
+                       level="warning")
+            return
+        engine.emit("base_eval", scores=scores[BASE_ROW])
 
     # -- how -------------------------------------------------------------------------------
 
