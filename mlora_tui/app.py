@@ -30,7 +30,7 @@ from textual.screen import Screen
 from textual.widgets import Input, Tab, Tabs
 
 from engine.core.errors import UserError
-from engine.core.jobs import PAUSED, QUEUED, RUNNING
+from engine.core.jobs import DONE, FAILED, PAUSED, QUEUED, RUNNING
 from engine.core.protocol import VERSION_MISMATCH
 from mlora_tui.gpu import GpuReport, GpuSampler
 from mlora_tui.state import CONNECTED, EngineState, JobView
@@ -58,6 +58,8 @@ _JOB_ACTIONS = {
     "resume": (PAUSED,),
     "cancel_job": (QUEUED, RUNNING, PAUSED),
     "save": (RUNNING, PAUSED, QUEUED),
+    # A finished job too, while its adapter is in the model (else the engine says why).
+    "evaluate": (RUNNING, PAUSED, QUEUED, DONE, FAILED),
 }
 # The detail panes, in the order of their tabs and of the keys 1-4 that bring them up.
 PANES = (("loss", "Loss"), ("adapter", "Adapter"), ("backend", "Backend"), ("log", "Log"))
@@ -87,6 +89,9 @@ class MonitorScreen(Screen):
                 tooltip="Show every adapter again"),
         Binding("o", "cycle_sort", "Sort", id="sort",
                 tooltip="Sort the jobs by the next column (added order after the last)"),
+        # After the keys every run uses: on an 80-column footer it gives way to them.
+        Binding("e", "evaluate", "Eval", id="evaluate",
+                tooltip="Score the selected job on its eval tasks now (between two steps)"),
         Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
                 tooltip="Loss chart: log or linear loss axis"),
         Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
@@ -244,6 +249,11 @@ class MonitorScreen(Screen):
 
     def action_save(self) -> None:
         self.app.send("save", self.selected)
+
+    def action_evaluate(self) -> None:
+        # The scores come later, as an eval event (the log, the table, the adapter pane).
+        self.state.note(f"{self.selected}: evaluation requested")
+        self.app.send("evaluate_job", self.selected)
 
     def action_cancel_job(self) -> None:
         name = self.selected
@@ -457,7 +467,7 @@ class MloraApp(App):
     async def _send(self, request: str, job: str | None) -> None:
         from mlora_tui.client import EngineUnavailable, RequestFailed
 
-        what = f"{request} {job}" if job else request
+        what = f"{request.removesuffix('_job')} {job}" if job else request
         client = self.client
         if client is None:
             self._refused(what, "engine disconnected")
@@ -547,6 +557,7 @@ class MloraApp(App):
             ("resume", f"Resume {job}", "put the paused job back in the batch"),
             ("cancel_job", f"Cancel {job}", "end the job for good (asks first)"),
             ("save", f"Checkpoint {job}", "write a checkpoint of the job now"),
+            ("evaluate", f"Evaluate {job}", "score the job on its eval tasks now"),
             ("add", "Add adapters", "add jobs from a TOML file of [[adapter]] tables"),
             ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
             ("filter", "Filter jobs", "show only adapters whose name contains a text"),

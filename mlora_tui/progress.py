@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +49,40 @@ def format_duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def headline_score(scores: dict | None) -> tuple[str, float] | None:
+    """(task, acc) of the first task with an accuracy, in the order the engine sent them
+    (a config's ``eval_tasks`` order); None when no task has one (none ran, or only
+    perplexity tasks)."""
+    for task, metrics in (scores or {}).items():
+        acc = metrics.get("acc") if isinstance(metrics, dict) else None
+        if isinstance(acc, (int, float)):
+            return task, float(acc)
+    return None
+
+
+def percent(value: float | None) -> str:
+    """An accuracy (a fraction) as ``61.2%``; six characters at most."""
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def score_text(metrics: dict) -> str:
+    """One task's scores in a few words: ``acc 61.2%, acc_norm 63.0%, n 500`` or
+    ``ppl 12.34, 2,048 tokens``."""
+    if not isinstance(metrics, dict):
+        return str(metrics)
+    parts = []
+    if isinstance(metrics.get("perplexity"), (int, float)):
+        parts.append(f"ppl {metrics['perplexity']:.2f}")
+        if isinstance(metrics.get("tokens"), int):
+            parts.append(f"{metrics['tokens']:,} tokens")
+    for name in ("acc", "acc_norm"):
+        if isinstance(metrics.get(name), (int, float)):
+            parts.append(f"{name} {percent(metrics[name])}")
+    if isinstance(metrics.get("n"), int):
+        parts.append(f"n {metrics['n']:,}")
+    return ", ".join(parts) or "-"
 
 
 def _format_loss(loss: float | None) -> str:
@@ -149,9 +183,15 @@ class RunProgress:
             eta=format_duration(event.get("eta_s")))
 
     def _on_eval(self, event: dict) -> None:
+        # Either field may be absent: say what this evaluation measured.
+        parts = []
         loss = event.get("eval_loss")
-        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
-        self.print(f"{event['job']}: validation loss {shown} at step {event.get('step')}")
+        if isinstance(loss, (int, float)):
+            parts.append(f"validation loss {loss:.4f}")
+        for task, metrics in (event.get("scores") or {}).items():
+            parts.append(f"{task} {score_text(metrics)}")
+        if parts:
+            self.print(f"{event['job']}: {'; '.join(parts)} at step {event.get('step')}")
 
     def _on_checkpoint(self, event: dict) -> None:
         self.print(f"{event['job']}: checkpoint at step {event.get('step')} in "
@@ -186,6 +226,7 @@ class JobOutcome:
     total_steps: int = 0
     loss: float | None = None
     eval_loss: float | None = None
+    scores: dict = field(default_factory=dict)     # task -> metrics, the latest of each
     adapter_path: str | None = None
     checkpoint_path: str | None = None
     data: str | None = None            # its data file, for an example prompt
@@ -237,7 +278,11 @@ class RunSummary:
             job.step, job.loss = event.get("step", job.step), event.get("loss")
             job.total_steps = event.get("total_steps") or job.total_steps
         elif kind == "eval":
-            self._job(event["job"]).eval_loss = event.get("eval_loss")
+            # An event may carry the loss, the scores or both: keep the latest of each.
+            job = self._job(event["job"])
+            if event.get("eval_loss") is not None:
+                job.eval_loss = event["eval_loss"]
+            job.scores.update(event.get("scores") or {})
         elif kind == "checkpoint":
             self._job(event["job"]).checkpoint_path = event.get("path")
         elif kind == "adapter_saved":
@@ -279,6 +324,9 @@ class RunSummary:
                 line.append(f"  loss {job.loss:.4f}")
             if job.eval_loss is not None:
                 line.append(f"  val {job.eval_loss:.4f}")
+            headline = headline_score(job.scores)
+            if headline is not None:
+                line.append(f"  {headline[0]} {percent(headline[1])}")
             where = self.adapter_folder(job)
             if job.state == DONE and where:
                 line.append(f"  -> {where}", style="green")

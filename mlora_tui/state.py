@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from engine.core.jobs import FAILED, FINAL_STATES, QUEUED, job_variant
+from mlora_tui.progress import headline_score, score_text
 
 CONNECTING, CONNECTED, DISCONNECTED = "connecting", "connected", "disconnected"
 
@@ -57,10 +58,19 @@ class JobView:
     loss_steps: array = field(default_factory=lambda: array("q"))
     losses: array = field(default_factory=lambda: array("d"))
     eval_points: list[tuple[int, float]] = field(default_factory=list)
+    # Task key -> metrics ({"acc", "acc_norm", "n", ...} or {"perplexity", ...}), the
+    # latest of each task, and the step of the latest evaluation that scored any.
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scores_step: int | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def headline_score(self) -> tuple[str, float] | None:
+        """(task, acc) of the first task with an accuracy (the jobs table's score)."""
+        return headline_score(self.scores)
 
     @property
     def history(self) -> list[tuple[int, float]]:
@@ -163,6 +173,9 @@ class EngineState:
             for name in _SUMMARY_FIELDS:
                 if name in summary:
                     setattr(job, name, summary[name])
+            if isinstance(summary.get("scores"), dict):
+                job.scores = {task: dict(metrics) for task, metrics in summary["scores"].items()
+                              if isinstance(metrics, dict)}
             if summary.get("adapter"):
                 job.adapter = dict(summary["adapter"])
             if summary.get("variant") or summary.get("adapter"):
@@ -226,12 +239,24 @@ class EngineState:
             job.record_loss(int(ev["step"]), float(ev["loss"]))
 
     def _on_eval(self, ev: dict[str, Any]) -> None:
+        # An evaluation may measure the validation loss, the [[eval]] tasks or both; a field
+        # an event lacks keeps its latest value (a scores-only event keeps the eval loss).
         job = self._job(ev["job"])
-        job.eval_loss = ev.get("eval_loss")
-        if job.eval_loss is not None:
-            job.eval_points.append((int(ev.get("step", job.step)), float(job.eval_loss)))
-            self._log(ev, "info", f"{job.name}: eval loss {job.eval_loss:.4g} at step "
-                                  f"{ev.get('step', job.step)}", job.name)
+        step = int(ev.get("step", job.step))
+        said = []
+        if ev.get("eval_loss") is not None:
+            job.eval_loss = ev["eval_loss"]
+            job.eval_points.append((step, float(job.eval_loss)))   # the chart: losses only
+            said.append(f"eval loss {job.eval_loss:.4g}")
+        scores = ev.get("scores")
+        if isinstance(scores, dict) and scores:
+            for task, metrics in scores.items():
+                if isinstance(metrics, dict):
+                    job.scores[task] = dict(metrics)
+                    said.append(f"{task} {score_text(metrics)}")
+            job.scores_step = step
+        if said:
+            self._log(ev, "info", f"{job.name}: {'; '.join(said)} at step {step}", job.name)
 
     def _on_checkpoint(self, ev: dict[str, Any]) -> None:
         self._log(ev, "info", f"{ev['job']}: checkpoint at step {ev.get('step')} -> "

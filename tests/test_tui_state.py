@@ -460,3 +460,104 @@ def test_the_last_batch_shows_where_the_step_time_went():
         "1.00 s · 3 jobs · 412 tok · 12% pad · 2 passes")
     assert phase_shares(batch["seconds"]) == "bwd 50% fwd 30% opt 19% data 1%"
     assert phase_shares({}) == "N/A"
+
+
+# -- evaluation scores (issue 12): an eval event carries eval_loss, scores or both ----------
+
+ARC = {"acc": 0.612, "acc_stderr": 0.02, "acc_norm": 0.63, "acc_norm_stderr": 0.02, "n": 500}
+WIKI = {"loss": 2.5, "perplexity": 12.18, "tokens": 2048}
+
+
+def test_eval_events_keep_the_latest_of_each_field_and_a_scores_only_one_keeps_the_loss():
+    state = EngineState(clock=Clock())
+    feed(state, run_events(3) + [
+        {"type": "eval", "time": 9.0, "job": "a", "step": 1, "eval_loss": 1.5},
+        {"type": "eval", "time": 9.5, "job": "a", "step": 2, "scores": {"arc": ARC}},
+    ])
+    job = state.jobs["a"]
+    # The scores-only event left the eval loss (and the chart's eval points) as they were.
+    assert job.eval_loss == 1.5 and job.eval_points == [(1, 1.5)]
+    assert job.scores == {"arc": ARC} and job.scores_step == 2
+    assert job.headline_score == ("arc", 0.612)
+
+    # Both at once; a task the event lacks keeps its latest scores.
+    arc2 = {**ARC, "acc": 0.65}
+    feed(state, [{"type": "eval", "time": 10.0, "job": "a", "step": 3, "eval_loss": 1.25,
+                  "scores": {"wiki": WIKI}},
+                 {"type": "eval", "time": 10.5, "job": "a", "step": 3, "scores": {"arc": arc2}},
+                 {"type": "eval", "time": 11.0, "job": "a", "step": 3, "eval_loss": 1.0}],
+         first_seq=100)
+    assert job.eval_loss == 1.0 and job.eval_points == [(1, 1.5), (3, 1.25), (3, 1.0)]
+    assert job.scores == {"arc": arc2, "wiki": WIKI}
+    assert list(job.scores) == ["arc", "wiki"]          # first seen first: arc stays first
+    assert job.headline_score == ("arc", 0.65)
+
+    messages = [line.message for line in state.logs]
+    assert "a: arc acc 61.2%, acc_norm 63.0%, n 500 at step 2" in messages
+    assert "a: eval loss 1.25; wiki ppl 12.18, 2,048 tokens at step 3" in messages
+    assert "a: eval loss 1 at step 3" in messages
+
+
+def test_a_loss_only_eval_event_leaves_the_scores():
+    state = EngineState(clock=Clock())
+    feed(state, run_events(2) + [
+        {"type": "eval", "time": 9.0, "job": "a", "step": 1, "scores": {"arc": ARC}},
+        {"type": "eval", "time": 9.5, "job": "a", "step": 2, "eval_loss": 0.75},
+        {"type": "eval", "time": 9.6, "job": "a", "step": 2},     # neither: nothing changes
+    ])
+    job = state.jobs["a"]
+    assert job.scores == {"arc": ARC} and job.scores_step == 1 and job.eval_loss == 0.75
+
+
+def test_the_headline_score_is_the_first_task_with_an_accuracy():
+    job = JobView("a")
+    assert job.headline_score is None
+    job.scores = {"wiki": WIKI}
+    assert job.headline_score is None               # perplexity only: no accuracy
+    job.scores = {"wiki": WIKI, "piqa": {"acc": 0.7, "n": 10}, "arc": ARC}
+    assert job.headline_score == ("piqa", 0.7)
+
+
+def test_status_reply_jobs_carry_their_latest_scores():
+    state = EngineState(clock=Clock())
+    state.apply_status({"jobs": [{"name": "a", "state": "running", "step": 5,
+                                  "total_steps": 10, "eval_loss": 0.9,
+                                  "scores": {"arc": ARC, "wiki": WIKI}},
+                                 {"name": "b", "state": "queued", "step": 0,
+                                  "total_steps": 10, "eval_loss": None, "scores": {}}]})
+    assert state.jobs["a"].scores == {"arc": ARC, "wiki": WIKI}
+    assert state.jobs["a"].eval_loss == 0.9 and state.jobs["b"].scores == {}
+    # An older engine's reply has no "scores": what is known stays.
+    state.apply_status({"jobs": [{"name": "a", "state": "running", "step": 6}]})
+    assert state.jobs["a"].scores == {"arc": ARC, "wiki": WIKI}
+
+
+def test_run_progress_and_summary_show_scores_and_keep_the_eval_loss():
+    import io
+
+    from rich.console import Console
+
+    from mlora_tui.progress import RunProgress, RunSummary
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False, color_system=None)
+    events = run_events(2) + [
+        {"type": "eval", "job": "a", "step": 1, "eval_loss": 1.5},
+        {"type": "eval", "job": "a", "step": 2, "scores": {"wiki": WIKI, "arc": ARC}},
+    ]
+    summary = RunSummary()
+    with RunProgress(console) as progress:
+        for event in events:
+            progress.handle(event)
+            summary.handle(event)
+    text = out.getvalue()
+    assert "a: validation loss 1.5000 at step 1" in text
+    assert ("a: wiki ppl 12.18, 2,048 tokens; arc acc 61.2%, acc_norm 63.0%, n 500 at step 2"
+            in text)
+    assert "None" not in text
+    job = summary.jobs["a"]
+    assert job.eval_loss == 1.5 and job.scores == {"wiki": WIKI, "arc": ARC}
+    out.truncate(0)
+    summary.render(console)
+    line = next(line for line in out.getvalue().splitlines() if line.startswith("  a "))
+    assert "val 1.5000  arc 61.2%" in line

@@ -1,5 +1,5 @@
 """The adapter pane: the selected adapter's variant, then every setting as its config gave
-them.
+them, with its latest evaluation scores (one line per [[eval]] task) first.
 
 Fields come from the job's ``adapter`` dict (all of ``AdapterConfig``) in its own order, so
 a field added to the config shows up here without a change. Settings left to a default that
@@ -75,7 +75,8 @@ class AdapterPane(VerticalScroll):
         width = self.scrollable_content_region.width
         key = None if job is None else (job.name, job.variant, repr(job.adapter),
                                         tuple(job.targets), job.train_examples,
-                                        job.val_examples, job.reason, width)
+                                        job.val_examples, job.reason, repr(job.scores),
+                                        job.scores_step, width)
         if key == self._shown:
             return
         self._shown = key
@@ -85,11 +86,19 @@ class AdapterPane(VerticalScroll):
             return
         table = Table.grid(padding=(0, 1))
         names = [name for name in job.adapter if name != "name"]
-        value_width = max(width - 1 - max(map(len, ["examples", *names])), 8)
+        value_width = max(width - 1 - max(map(len, ["examples", *names,
+                                                         *(f"  {t}" for t in job.scores)])), 8)
         table.add_column(style="bold", no_wrap=True)
         # Words wrap whole (a list of modules); a word too long for the pane is cut short.
         table.add_column(overflow="ellipsis")
         table.add_row("variant", Text(job.variant))
+        if job.scores:     # first: what a look at the pane is most often for
+            # The tasks under a heading of their own, indented: a task may share a
+            # setting's name.
+            at = "" if job.scores_step is None else f"at step {job.scores_step}"
+            table.add_row("scores", Text(at, style="dim"))
+            for task, metrics in job.scores.items():
+                table.add_row(f"  {task}", Text(fmt.score_text(metrics)))
         for name in names:
             table.add_row(name, _value(name, job.adapter[name], job, value_width))
         table.add_row("examples", Text(f"{fmt.count(job.train_examples)} train, "

@@ -9,7 +9,7 @@ import time
 from typing import Mapping
 
 from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
-from mlora_tui.progress import format_duration
+from mlora_tui.progress import format_duration, percent, score_text  # noqa: F401 (re-exported)
 
 DASH = "-"
 NA = "N/A"

@@ -21,9 +21,10 @@ from mlora_tui.state import JobView
 from mlora_tui.widgets import formatting as fmt
 
 # (key, label, width of the text, right-aligned). Every column is one cell wider than its
-# text, the gap on its left, so that all eleven fit in a 100-column terminal with a cell to
-# spare for the scroll bar. A variant label of up to two parts fits (``mixlora-dynamic``,
-# ``dora+loraplus``); the adapter pane shows a longer one whole.
+# text, the gap on its left, so that the eleven other than score fit in a 100-column
+# terminal with a cell to spare for the scroll bar. A variant label of up to two parts fits
+# (``mixlora-dynamic``, ``dora+loraplus``); the adapter pane shows a longer one whole. The
+# score (the first [[eval]] task's acc) is shown only once some job has scores.
 COLUMNS = (
     ("name", "adapter", 13, False),
     ("variant", "variant", 15, False),
@@ -33,6 +34,7 @@ COLUMNS = (
     ("epoch", "epoch", 5, True),
     ("loss", "loss", 6, True),
     ("eval_loss", "eval", 6, True),
+    ("score", "score", 6, True),
     ("lr", "lr", 7, True),
     ("tokens_per_s", "tok/s", 6, True),
     ("eta", "ETA", 7, True),
@@ -41,17 +43,19 @@ _RIGHT = {key for key, _, _, right in COLUMNS if right}
 _WIDTH = {key: width for key, _, width, _ in COLUMNS}
 LABELS = {key: label for key, label, _, _ in COLUMNS}
 # Columns given up first when the terminal is narrow; name, state, step, loss, eval and ETA
-# always stay (the table scrolls sideways below their width).
-DROP_ORDER = ("lr", "tokens_per_s", "r", "variant", "epoch")
+# always stay (the table scrolls sideways below their width). The score goes before the
+# epoch: at 80 columns the table shows it in place of the variant.
+DROP_ORDER = ("lr", "tokens_per_s", "r", "variant", "score", "epoch")
 NAME_MAX = 32       # the name column grows up to this when there is room to spare
 # Sorted by state: what is happening now first, how jobs ended last.
 _STATE_ORDER = {state: i for i, state in enumerate(
     (RUNNING, QUEUED, PAUSED, DONE, FAILED, CANCELLED))}
 
 
-def visible_columns(width: int) -> list[str]:
-    """The keys of the columns that fit in ``width`` cells, in table order."""
-    hidden: set[str] = set()
+def visible_columns(width: int, scores: bool = True) -> list[str]:
+    """The keys of the columns that fit in ``width`` cells, in table order; without
+    ``scores`` (no job has any) the score column is not shown at all."""
+    hidden: set[str] = set() if scores else {"score"}
     for key in (None, *DROP_ORDER):
         if key:
             hidden.add(key)
@@ -78,6 +82,8 @@ def sort_key(column: str, job: JobView) -> tuple:
         "epoch": lambda: _last(job.epoch),
         "loss": lambda: _last(job.loss),
         "eval_loss": lambda: _last(job.eval_loss),
+        # Higher is better: the best score first.
+        "score": lambda: _last(None if job.headline_score is None else -job.headline_score[1]),
         "lr": lambda: _last(job.lr),
         "tokens_per_s": lambda: _last(job.tokens_per_s if running else None),
         "eta": lambda: _last(job.eta_s if running else None),
@@ -95,6 +101,7 @@ def row_cells(job: JobView) -> dict[str, str]:
         "epoch": fmt.epoch(job.epoch),
         "loss": fmt.loss(job.loss),
         "eval_loss": fmt.loss(job.eval_loss),
+        "score": fmt.DASH if job.headline_score is None else fmt.percent(job.headline_score[1]),
         "lr": fmt.lr(job.lr),
         # Speed and time left mean something only while the job is in the batch.
         "tokens_per_s": fmt.rate(job.tokens_per_s) if job.state == RUNNING else fmt.DASH,
@@ -127,6 +134,7 @@ class JobsTable(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=True, cell_padding=0, **kwargs)
         self._shown: dict[str, dict[str, str]] = {}
         self.shown_columns: list[str] = [key for key, *_ in COLUMNS]
+        self.has_scores = False     # some job has scores: the score column is wanted
 
     def on_mount(self) -> None:
         for key, label, width, _ in COLUMNS:
@@ -139,7 +147,7 @@ class JobsTable(DataTable):
         """Hide the columns that do not fit (width 0: keys and order stay), and give the
         name column the room left over, up to the longest name."""
         width = self.size.width - 1         # a cell for the vertical scroll bar
-        self.shown_columns = visible_columns(width)
+        self.shown_columns = visible_columns(width, self.has_scores)
         spare = width - sum(_WIDTH[key] + 1 for key in self.shown_columns)
         longest = max(map(len, self._shown), default=0)
         name_width = _WIDTH["name"] + max(0, min(spare, longest - _WIDTH["name"],
@@ -159,6 +167,7 @@ class JobsTable(DataTable):
                   sort: str | None = None) -> None:
         """Make the rows match ``jobs`` (those whose name contains ``name_filter``), in
         their order or sorted by the column ``sort``."""
+        jobs = list(jobs)
         wanted = [job for job in jobs if name_filter.lower() in job.name.lower()]
         if sort is not None:
             wanted.sort(key=lambda job: sort_key(sort, job))
@@ -181,8 +190,10 @@ class JobsTable(DataTable):
                     if shown[key] != text:
                         self.update_cell(job.name, key, self._cell(key, text, variables))
             self._shown[job.name] = cells
-        if added:
-            self._fit()     # a longer name may widen its column
+        has_scores = any(job.scores for job in jobs)
+        if added or has_scores != self.has_scores:
+            self.has_scores = has_scores
+            self._fit()     # a longer name may widen its column; scores bring theirs
         if [row.key.value for row in self.ordered_rows] != names:
             # A row shown again after a filter change goes back to its place; a sorted
             # table follows its values. The cursor stays on its job, not on its row index.
