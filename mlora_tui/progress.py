@@ -257,6 +257,7 @@ class RunSummary:
         self.exit_code: int | None = None     # the engine process's, once it said so
         self.exit_reason: str | None = None
         self.metrics_lost: list[str] = []     # what metrics.jsonl lacks, from engine_exit
+        self.base_scores: dict = {}           # the base model's, from base_eval
 
     def _job(self, name: str) -> JobOutcome:
         return self.jobs.setdefault(name, JobOutcome(name))
@@ -283,6 +284,8 @@ class RunSummary:
             if event.get("eval_loss") is not None:
                 job.eval_loss = event["eval_loss"]
             job.scores.update(event.get("scores") or {})
+        elif kind == "base_eval":
+            self.base_scores.update(event.get("scores") or {})
         elif kind == "checkpoint":
             self._job(event["job"]).checkpoint_path = event.get("path")
         elif kind == "adapter_saved":
@@ -337,6 +340,7 @@ class RunSummary:
             if job.reason:
                 line.append(f"  ({job.reason})", style=STATE_STYLES.get(job.state, ""))
             console.print(line, soft_wrap=True)
+        self._render_scores(console)
         tries = [(job, self.adapter_folder(job)) for job in self.jobs.values()]
         tries = [(job, folder) for job, folder in tries if folder]
         if tries:
@@ -364,6 +368,17 @@ class RunSummary:
             else:
                 log_note = Text(f"Every event is in {metrics}", style="dim")
             console.print(log_note, soft_wrap=True)
+
+    def _render_scores(self, console: Console) -> None:
+        """The base model against each adapter on the run's eval tasks (when any ran)."""
+        rows = {name: job.scores for name, job in self.jobs.items() if job.scores}
+        if not rows:
+            return
+        if self.base_scores:
+            rows = {"base": self.base_scores, **rows}
+        keys = list(dict.fromkeys(k for scores in rows.values() for k in scores))
+        from mlora_tui.score_table import results_table
+        console.print(results_table(rows, keys, title="eval scores"))
 
     def shown_state(self, job: JobOutcome) -> str:
         """The job's state; once the run has ended, nothing is running any more."""

@@ -111,3 +111,29 @@ def test_a_folder_named_base_is_refused(setup, tmp_path):
     base_named = peft_initial_adapter(setup["model"], tmp_path / "base")
     result = invoke("evaluate", "--adapter", base_named, "--task", f"arc-e={setup['arc']}")
     assert result.exit_code == 2 and "reserved" in result.output
+
+
+def test_the_run_summary_ends_with_base_against_each_adapter():
+    from rich.console import Console
+
+    from mlora_tui.progress import RunSummary
+
+    summary = RunSummary()
+    metrics = {"acc": 0.5, "acc_norm": 0.4, "n": 40}
+    for event in [{"type": "job_added", "job": "a", "total_steps": 2},
+                  {"type": "job_added", "job": "b", "total_steps": 2},
+                  {"type": "base_eval", "scores": {"sentiment": {**metrics, "acc": 0.35}}},
+                  {"type": "eval", "job": "a", "step": 2, "scores": {"sentiment": metrics}},
+                  {"type": "eval", "job": "b", "step": 2, "eval_loss": 1.5,
+                   "scores": {"sentiment": {**metrics, "acc": 0.9, "acc_norm": 0.85}}},
+                  {"type": "run_end", "jobs": {"a": {"state": "done", "step": 2},
+                                               "b": {"state": "done", "step": 2}}}]:
+        summary.handle(event)
+    console = Console(record=True, width=100)
+    summary.render(console)
+    text = console.export_text()
+    assert "eval scores" in text
+    rows = {line.strip("│ ").split()[0]: line for line in text.splitlines()
+            if line.startswith("│")}
+    assert "35.0 / 40.0" in rows["base"] and "50.0 / 40.0" in rows["a"]
+    assert "90.0 / 85.0 *" in rows["b"]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from engine.core.errors import UserError
 from mlora_tui.commands.common import fail, stderr
+from mlora_tui.score_table import results_table
 
 EVALUATE_HELP = "\n\n".join([
     "Evaluate adapters (and the base model alone with --base) on multiple-choice tasks and "
@@ -109,38 +109,3 @@ def _run(folders, specs, base, base_model, dtype, quantize, batch_size) -> dict:
                               dtype=dtype, quantize=quantize, batch_size=batch_size,
                               progress=progress,
                               log=lambda m: stderr.print(Text(m, style="dim")))
-
-
-def _headline(scores: dict) -> tuple[Optional[float], str, bool]:
-    """(value, text, higher is better) of a task's cell."""
-    if "perplexity" in scores:
-        return scores["perplexity"], f"ppl {scores['perplexity']:.2f}", False
-    text = f"{100 * scores['acc']:.1f}"
-    if "acc_norm" in scores:
-        text += f" / {100 * scores['acc_norm']:.1f}"
-    return scores.get("acc_norm", scores["acc"]), text, True
-
-
-def results_table(results: dict, keys: list[str]) -> Table:
-    """Adapters x tasks: accuracy (acc / acc_norm, in %) or perplexity; the best of each
-    column marked with a star."""
-    table = Table(title="evaluation", caption="acc / acc_norm in %; * best of the column",
-                  caption_justify="left")
-    table.add_column("adapter", no_wrap=True)
-    for key in keys:
-        table.add_column(key, justify="right")
-    best = {}
-    for key in keys:
-        values = [(_headline(r[key]), name) for name, r in results.items() if key in r]
-        if values:
-            higher = values[0][0][2]
-            best[key] = (max if higher else min)(v[0][0] for v in values)
-    for name, row in results.items():
-        cells = []
-        for key in keys:
-            value, text, _ = _headline(row[key])
-            marked = len(results) > 1 and value == best.get(key)
-            cells.append(Text(text + (" *" if marked else "  "),
-                              style="bold green" if marked else ""))
-        table.add_row(name, *cells)
-    return table
