@@ -21,7 +21,7 @@ def _headline(scores: dict) -> tuple[Optional[float], str, bool]:
 def results_table(results: dict, keys: list[str], title: str = "evaluation") -> Table:
     """Adapters x tasks: accuracy (acc / acc_norm, in %) or perplexity; the best of each
     column marked with a star. A row without a task's scores shows "-"."""
-    table = Table(title=Text(title), caption="acc / acc_norm in %; * best of the column",
+    table = Table(title=Text(title), caption="acc / acc_norm (%); * = best",
                   caption_justify="left")
     table.add_column("adapter", no_wrap=True)
     for key in keys:
