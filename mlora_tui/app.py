@@ -92,6 +92,8 @@ class MonitorScreen(Screen):
         # After the keys every run uses: on an 80-column footer it gives way to them.
         Binding("e", "evaluate", "Eval", id="evaluate",
                 tooltip="Score the selected job on its eval tasks now (between two steps)"),
+        Binding("g", "playground", "Ask", id="playground",
+                tooltip="The playground: jobs and the base model answer a prompt side by side"),
         Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
                 tooltip="Loss chart: log or linear loss axis"),
         Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
@@ -235,7 +237,7 @@ class MonitorScreen(Screen):
             if action == "save" and job is not None:
                 ok = ok and job.step > 0
             return True if ok else None
-        if action == "add":
+        if action in ("add", "playground"):
             return True if live else None
         if action == "clear_filter":
             return bool(self.name_filter) or self.filter_input.display
@@ -254,6 +256,10 @@ class MonitorScreen(Screen):
         # The scores come later, as an eval event (the log, the table, the adapter pane).
         self.state.note(f"{self.selected}: evaluation requested")
         self.app.send("evaluate_job", self.selected)
+
+    def action_playground(self) -> None:
+        from mlora_tui.widgets.playground import EngineBackend, PlaygroundScreen
+        self.app.push_screen(PlaygroundScreen(EngineBackend(self.app, self.selected)))
 
     def action_cancel_job(self) -> None:
         name = self.selected
@@ -579,6 +585,8 @@ class MloraApp(App):
 
 def binding_ids() -> set[str]:
     """Every binding id a keymap may remap."""
-    screens = (MloraApp, MonitorScreen, ConfirmScreen, AddAdaptersScreen, HelpScreen)
+    from mlora_tui.widgets.playground import PlaygroundScreen
+    screens = (MloraApp, MonitorScreen, ConfirmScreen, AddAdaptersScreen, HelpScreen,
+               PlaygroundScreen)
     return {binding.id for screen in screens for binding in screen.BINDINGS
             if isinstance(binding, Binding) and binding.id}

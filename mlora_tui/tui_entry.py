@@ -4,6 +4,9 @@
                                 its output_dir
     mlora-tui --attach NAME     a running engine, by name or pid
     mlora-tui                   the only running engine
+    mlora-tui --playground DIR [DIR...]
+                                the playground alone on adapter folders (a finished run's):
+                                it loads the base model and the adapters itself
 
 The engine runs in its own process session: quitting the TUI (q, d), closing the terminal
 or losing SSH leaves it training; attach again at any time. A bad config or an unknown
@@ -71,8 +74,9 @@ def load_keymap(path: Path, known_ids: set[str]) -> dict[str, str]:
                   "with --attach, attach to a running engine; with neither, attach to the "
                   "only running engine. Quitting (q) leaves the engine training.")
 def main_command(
-    config: Annotated[Optional[Path], typer.Argument(
-        help="A config TOML file: start its engine, or attach to it if running.",
+    config: Annotated[Optional[list[Path]], typer.Argument(
+        help="A config TOML file: start its engine, or attach to it if running (with "
+             "--playground: adapter folders).",
         metavar="CONFIG", show_default=False)] = None,
     attach: Annotated[Optional[str], typer.Option(
         "--attach", "-a", help="Attach to the running engine with this name (or pid).",
@@ -85,7 +89,16 @@ def main_command(
         "--resume", help="With CONFIG: continue its run from the newest checkpoint (after a "
                          "crash, a kill or a stop) instead of refusing a folder that holds "
                          "it.")] = False,
+    playground: Annotated[bool, typer.Option(
+        "--playground", help="Open the playground alone on the adapter folders given "
+                             "(DIR [DIR...]): they answer a prompt side by side; the base "
+                             "model and the adapters are loaded here, no engine.")] = False,
 ) -> None:
+    if playground:
+        _playground(config or [], attach)
+    if config is not None and len(config) > 1:
+        _fail("give one CONFIG (several folders go with --playground)")
+    config = config[0] if config else None
     if config is not None and attach is not None:
         _fail("give a CONFIG or --attach NAME, not both")
     from engine.core.runtime import EngineNotFound
@@ -117,6 +130,21 @@ def main_command(
     app.run()
     if app.failure:
         _fail(app.failure, app.return_code or EXIT_USER_ERROR)
+    raise typer.Exit(app.return_code or EXIT_OK)
+
+
+def _playground(folders: list[Path], attach: Optional[str]) -> NoReturn:
+    if attach is not None:
+        _fail("--playground takes adapter folders, not --attach")
+    from mlora_tui.playground_local import check_folders
+
+    problem = check_folders(folders)
+    if problem:
+        _fail(problem)
+    from mlora_tui.widgets.playground import PlaygroundApp
+
+    app = PlaygroundApp(folders)
+    app.run()
     raise typer.Exit(app.return_code or EXIT_OK)
 
 
