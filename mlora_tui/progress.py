@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column
 from rich.text import Text
 
-from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING, job_variant
+from engine.core.jobs import (CANCELLED, DONE, FAILED, PAUSED, PRUNED, QUEUED, RUNNING,
+                              job_variant)
 
 # "stopped" is no job state: the summary's word for a job the run left unfinished.
 STATE_STYLES = {
@@ -35,6 +36,7 @@ STATE_STYLES = {
     DONE: "green",
     FAILED: "bold red",
     CANCELLED: "magenta",
+    PRUNED: "dim",
     "stopped": "yellow",
 }
 _UNFINISHED = (QUEUED, RUNNING, PAUSED)
@@ -331,7 +333,7 @@ class RunSummary:
             if headline is not None:
                 line.append(f"  {headline[0]} {percent(headline[1])}")
             where = self.adapter_folder(job)
-            if job.state == DONE and where:
+            if job.state in (DONE, PRUNED) and where:
                 line.append(f"  -> {where}", style="green")
             elif where:
                 line.append(f"  last checkpoint: {where}")

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from engine.core.config_sweep import SweepConfig, parse_sweep_tables, sweep_tables
 from engine.core.config_eval import (EvalConfig, check_adapter_eval_fields, check_eval_names,
                                      convert_eval_tasks, eval_tables, parse_eval_tables)
 from engine.core.config_file import (Where, adapter_tables, describe, read_toml, show,
                                      single_table, suggestion)
 from engine.core.config_values import (NON_EMPTY, apply_rules, check_data, check_init_from,
-                                       check_prompt, convert_targets, convert_value,
+                                       check_prompt, convert_report_to, convert_targets,
+                                       convert_value,
                                        int_at_least, int_between, number, one_of, resolve_path)
 from engine.core.errors import ConfigError
 
@@ -61,6 +63,9 @@ class TrainConfig:
     # no padding. "auto": on a CPU, where padding costs its full share of the arithmetic;
     # "on": on any device (an error if the model cannot pack); "off": padded rows.
     packing: str = "auto"
+    # Experiment trackers every job's metrics also go to (engine/train/trackers.py): any of
+    # "tensorboard", "wandb", "mlflow", "trackio"; offline, under output_dir, by default.
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +126,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     adapters: list[AdapterConfig] = field(default_factory=list)
     evals: list[EvalConfig] = field(default_factory=list)   # [[eval]] tables
+    sweeps: list[SweepConfig] = field(default_factory=list)  # [[sweep]] tables
     source: str = "<config>"          # the file the config came from (for messages)
 
 
@@ -139,7 +145,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 # Files and folders of a run (output_dir) and of a checkpoint (checkpoints/step-K), beside
 # the adapters' own folders: an adapter may not take their names.
 RESERVED_ADAPTER_NAMES = {"checkpoints", "metrics.jsonl", "engine.log", "run.json",
-                          "engine.json", "rng.pt"}
+                          "engine.json", "rng.pt", "tensorboard", "wandb", "mlruns", "trackio"}
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_RANK = 1024
 MIN_CUTOFF_LEN = 8
@@ -194,7 +200,7 @@ def resolve_mixlora(values: dict) -> dict:
     out["expert_lora"] = expert
     return out
 
-_TOP_LEVEL_KEYS = ("model", "train", "adapter", "eval")
+_TOP_LEVEL_KEYS = ("model", "train", "adapter", "eval", "sweep")
 
 def load_config(path: str | os.PathLike) -> RunConfig:
     """Read and validate a run config file; raise ``ConfigError`` on the first problem.
@@ -213,10 +219,36 @@ def parse_config(data: dict, source: str, base_dir: Path) -> RunConfig:
     _check_keys(data, _TOP_LEVEL_KEYS, Where(source, None))
     model = _parse_model(single_table(data, "model", source), source, base_dir)
     train = _parse_train(single_table(data, "train", source), source)
-    adapters = parse_adapter_tables(adapter_tables(data, source), source, train, base_dir)
+    sweep_raw = sweep_tables(data, source)
+    tables = adapter_tables(data, source)
+    # A config of sweeps alone has no [[adapter]] table: its trials are its jobs.
+    adapters = (parse_adapter_tables(tables, source, train, base_dir)
+                if tables or not sweep_raw else [])
     evals = parse_eval_tables(eval_tables(data, source), source, base_dir)
     check_eval_names(adapters, evals, source)
-    return RunConfig(model=model, train=train, adapters=adapters, evals=evals, source=source)
+
+    def check_trial(table: dict, where: Where) -> AdapterConfig:
+        try:
+            trial = _parse_adapter(table, 0, source, train, base_dir)
+            check_eval_names([trial], evals, source)
+            return trial
+        except ConfigError as e:    # named as the sweep's field it comes from
+            raise ConfigError(f"trial {table['name']}: {e.detail}", file=source,
+                              table=where.table, field=e.field) from None
+
+    sweeps = parse_sweep_tables(sweep_raw, source, _field_names(AdapterConfig),
+                                {e.name: e.format for e in evals}, check_trial,
+                                {a.name.lower() for a in adapters})
+    for sweep in sweeps:    # the trials' files, found from this config's folder
+        where = Where(source, f'sweep "{sweep.name}"')
+        for key, check in (("data", check_data), ("prompt", check_prompt),
+                           ("init_from", check_init_from)):
+            if key in sweep.base:
+                sweep.base[key] = check(sweep.base[key], base_dir, where)
+            if sweep.grid and key in sweep.grid:
+                sweep.grid[key] = [check(v, base_dir, where) for v in sweep.grid[key]]
+    return RunConfig(model=model, train=train, adapters=adapters, evals=evals, sweeps=sweeps,
+                     source=source)
 
 
 def apply_model_overrides(config: RunConfig, overrides: dict[str, Any],
@@ -410,6 +442,8 @@ def _convert(value: Any, hint: Any, where: Where, key: str) -> Any:
         return _convert_expert_lora(value, where)
     if key == "eval_tasks":
         return convert_eval_tasks(value, where)
+    if key == "report_to":
+        return convert_report_to(value, where)
     return convert_value(value, hint, where, key)
 
 

@@ -114,7 +114,10 @@ def single_table(data: dict, key: str, source: str) -> dict:
 def adapter_tables(data: dict, source: str) -> list:
     value = data.get("adapter")
     if value is None:
-        raise ConfigError("no [[adapter]] table: a run needs at least one adapter", file=source)
+        if data.get("sweep"):
+            return []       # a run of sweeps alone: its trials are its jobs
+        raise ConfigError("no [[adapter]] table: a run needs at least one adapter (or a "
+                          "[[sweep]])", file=source)
     if isinstance(value, dict):
         raise ConfigError("expected [[adapter]] tables (double brackets, one per adapter), "
                           "got a single [adapter] table", file=source, table="adapter")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# A job's states: queued -> running <-> paused -> done | failed | cancelled.
-QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
-    "queued", "running", "paused", "done", "failed", "cancelled")
-STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)
-FINAL_STATES = (DONE, FAILED, CANCELLED)
+# A job's states: queued -> running <-> paused -> done | failed | cancelled | pruned (a sweep
+# trial its pruner stopped early: a normal ending, its adapter saved as it was).
+QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED, PRUNED = (
+    "queued", "running", "paused", "done", "failed", "cancelled", "pruned")
+STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED, PRUNED)
+FINAL_STATES = (DONE, FAILED, CANCELLED, PRUNED)
 
 # Exit codes of `mlora ...` and of the engine process (`mlora serve`).
 EXIT_OK = 0

@@ -58,6 +58,10 @@ def preflight(config_path: str | os.PathLike, *, model_overrides: dict[str, Any]
     if model_overrides:
         apply_model_overrides(config, model_overrides)
     data = [_summary(adapter.name, adapter.data) for adapter in config.adapters]
+    for sweep in config.sweeps:     # every data file a trial may train on
+        files = sweep.grid.get("data") if sweep.grid and "data" in sweep.grid else [
+            sweep.base.get("data")]
+        data += [_summary(f"sweep {sweep.name}", path) for path in files if path]
     load_eval_tasks(config.evals, config.source)    # a bad [[eval]] task file stops it here
     output_dir = Path(os.path.abspath(config.train.output_dir))
     if not check_output:

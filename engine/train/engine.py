@@ -33,12 +33,14 @@ from engine.core.config import AdapterConfig, RunConfig
 from engine.core.data import JobData
 from engine.core.errors import ConfigError, UserError
 from engine.core.events import EventWriter, restore_file
-from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, PRUNED, QUEUED, RUNNING
 from engine.core.outputs import write_run_record
 from engine.train.admission import Admission
 from engine.train.evals import EvalRunner
 from engine.train.fork import fork_job
 from engine.train.playground import Playground
+from engine.train.trackers import TrackerHub
+from engine.train.sweeps import Sweeps
 from engine.train.job import Job
 from engine.train.lora import BatchLayout
 from engine.train.packing import packing_problem
@@ -72,6 +74,7 @@ class Engine:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = EventWriter(self.output_dir / "metrics.jsonl",
                                     restore=self._restore_run_record) if write_metrics else None
+        self._trackers = TrackerHub(config.train.report_to, self.output_dir, self.log)
         self._stop_requested = False
         self.engine_step = 0           # batched steps taken; a resumed engine counts on
         self._split_passes = False     # after running out of memory: one pass per job
@@ -82,6 +85,7 @@ class Engine:
             check_resumable(checkpoint, manifest, config)
         self.evals = EvalRunner(self)   # reads the [[eval]] tasks: a bad file stops it here
         self.playground = Playground(self)   # generations asked while it trains
+        self.sweeps = Sweeps(self)           # [[sweep]]s: Optuna's trials become jobs
         self.device = select_device()
         # see plan_passes; tests set it to force one pass
         self.pass_overhead = PASS_OVERHEAD_TOKENS.get(self.device.type, DEFAULT_PASS_OVERHEAD)
@@ -142,6 +146,7 @@ class Engine:
         if self.on_event is not None:
             for each in notices + [event]:
                 self.on_event(each)
+        self._trackers.handle(event)     # [train] report_to: engine/train/trackers.py
         return event
 
     def _restore_run_record(self) -> list[str]:
@@ -155,15 +160,18 @@ class Engine:
         job.state, job.reason = state, reason
         self.emit("job_state", job=job.name, state=state, reason=reason, step=job.step,
                   total_steps=job.total_steps)
+        if state in (DONE, FAILED, CANCELLED):
+            self.sweeps.on_finished(job)     # a trial's end tells its study
 
     # -- jobs ---------------------------------------------------------------------------
 
     def add_job(self, cfg: AdapterConfig, from_config: bool = True,
-                restoring: bool = False) -> Job:
+                restoring: bool = False, sweep: dict | None = None) -> Job:
         """Build a job's data and adapter; it starts queued.
 
         ``from_config`` False marks a job added to a running engine; ``restoring`` skips
-        ``init_from`` (a checkpoint's weights replace the initial ones).
+        ``init_from`` (a checkpoint's weights replace the initial ones); ``sweep``: a
+        trial's sweep, index and parameters, for its job_added event.
         """
         if cfg.name in self.jobs:
             raise ConfigError(f"an adapter named {cfg.name!r} already exists in this engine",
@@ -195,7 +203,7 @@ class Engine:
         self.jobs[cfg.name] = job
         self.emit("job_added", job=cfg.name, adapter=asdict(cfg), total_steps=job.total_steps,
                   train_examples=len(data.train), val_examples=len(data.val),
-                  targets=job.targets, variant=job.variant)
+                  targets=job.targets, variant=job.variant, **(sweep or {}))
         self._set_state(job, QUEUED)
         return job
 
@@ -248,6 +256,9 @@ class Engine:
 
     def resume(self, name: str) -> None:
         job = self.job(name)
+        if job.state == PRUNED:
+            raise UserError(f"job {name!r} was pruned ({job.reason}); a pruned trial does not "
+                            "resume (fork it to train it on: mlora jobs fork)")
         if job.state != PAUSED:
             raise UserError(f"job {name!r} is {job.state}; only paused jobs resume")
         self._set_state(job, QUEUED, "resumed")
@@ -292,6 +303,7 @@ class Engine:
         steps = 0
         try:
             self.evals.score_base()        # the base model's scores, to compare with
+            self.sweeps.fill()             # the first trials join the first step
             while not self._stop_requested and (max_steps is None or steps < max_steps):
                 if poll is not None:
                     poll(False)
@@ -299,6 +311,7 @@ class Engine:
                     self.playground.advance()      # a slice of each open generation
                     if self._stop_requested:
                         break
+                self.sweeps.fill()                 # trials take the slots that came free
                 jobs = self._schedule()
                 if not jobs:
                     waiting = any(j.state == PAUSED for j in self.jobs.values())
@@ -485,7 +498,8 @@ class Engine:
         """
         path = ckpt.checkpoints_dir(self.output_dir) / f"step-{self.engine_step}"
         files = checkpoint_files(self.engine_step, self.config, self.packing,
-                                 self.jobs.values(), self._adapter_files, self.device)
+                                 self.jobs.values(), self._adapter_files, self.device,
+                                 sweeps=self.sweeps.state())
         try:
             write_folder_atomically(path, files)
         except OSError as exc:
@@ -516,6 +530,7 @@ class Engine:
                 load_job_state(self.model, job, path / job.name, self.device)
             job.restore_position(position)
             self._set_state(job, job.state, job.reason)
+        self.sweeps.restore(manifest.get("sweeps") or {})
         restore_rng(path, self.device)
         self.engine_step = manifest["engine_step"]
         self.emit("resumed", path=str(path), engine_step=self.engine_step,

@@ -165,6 +165,7 @@ class EvalRunner:
                 job.scores.update(result["scores"])
             if result:
                 engine.emit("eval", job=job.name, step=job.step, **result)
+                engine.sweeps.on_eval(job, result)     # a trial reports to its sweep
 
     def _view(self, jobs: list[Job]) -> AdapterSet:
         """The engine's own model as an AdapterSet whose rows are ``jobs``' adapters."""

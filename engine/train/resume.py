@@ -37,7 +37,8 @@ def resume_train_settings(config: RunConfig) -> dict:
 
 
 def checkpoint_files(engine_step: int, config: RunConfig, packing: bool, jobs: Iterable[Job],
-                     adapter_files: Callable[[Job], dict], device: torch.device) -> dict:
+                     adapter_files: Callable[[Job], dict], device: torch.device,
+                     sweeps: dict | None = None) -> dict:
     """Every file of a checkpoint of ``jobs`` at ``engine_step``, by path in its folder."""
     files: dict = {}
     saved_jobs = []
@@ -63,7 +64,8 @@ def checkpoint_files(engine_step: int, config: RunConfig, packing: bool, jobs: I
                 "train": resume_train_settings(config),
                 "packed": packing,   # the layout decides the dropout masks
                 "schedule": SCHEDULE_SOURCE,
-                "jobs": saved_jobs}
+                "jobs": saved_jobs,
+                "sweeps": sweeps or {}}    # every trial of every sweep (engine/train/sweeps.py)
     files[ckpt.ENGINE_FILE] = (json.dumps(manifest, indent=1) + "\n").encode()
     return files
 

@@ -46,11 +46,18 @@ def validate(
     out.print(Text(f"base model {model.base_model} ({model.dtype}, attention {model.attn_impl})"))
     out.print(Text(f"output     {run_config.train.output_dir}"))
     out.print(Text(f"adapters   {len(run_config.adapters)}"))
-    width = max(len(a.name) for a in run_config.adapters)
+    width = max((len(a.name) for a in run_config.adapters), default=0)
     for adapter, data in zip(run_config.adapters, found.data):
         out.print(Text(f"  {adapter.name:<{width}}  r={adapter.r} alpha={adapter.lora_alpha:g} "
                        f"{variant_label(adapter)}  lr={adapter.lr:g} epochs={adapter.num_epochs}  "
                        f"{data.rows} {data.kind} rows in {adapter.data}"))
+    for sweep in run_config.sweeps:
+        kind = (f"grid of {sweep.n_trials}" if sweep.grid is not None
+                else f"{sweep.n_trials} {sweep.sampler} trials")
+        searched = ", ".join(sweep.grid or sweep.sample)
+        out.print(Text(f"sweep      {sweep.name}: {kind} over {searched}; {sweep.parallel} at "
+                       f"once; {sweep.direction} {sweep.metric} every {sweep.eval_steps} "
+                       f"steps; prune {sweep.prune}"))
     out.print(Text("config OK", style="bold green"))
 
 

@@ -8,7 +8,7 @@ import re
 import time
 from typing import Mapping
 
-from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, PRUNED, QUEUED, RUNNING
 from mlora_tui.progress import format_duration, percent, score_text  # noqa: F401 (re-exported)
 
 DASH = "-"
@@ -21,6 +21,7 @@ STATE_STYLES = {
     DONE: "$primary",
     FAILED: "bold $error",
     CANCELLED: "dim $secondary",
+    PRUNED: "dim",
 }
 LOG_STYLES = {"debug": "dim", "info": "", "warning": "$warning", "error": "bold $error"}
 
