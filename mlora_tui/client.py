@@ -121,6 +121,14 @@ class EngineClient:
     async def cancel(self, job: str) -> dict:
         return await self.request("cancel", job=job)
 
+    async def fork_job(self, name: str, new: str, changes: dict | None = None) -> dict:
+        """Fork job ``name`` as ``new`` at the next step boundary, ``changes`` (adapter
+        settings such as lr) applied from there on: {"job": new, "from": name, "step": k}."""
+        params: dict[str, Any] = {"job": name, "as": new}
+        if changes:
+            params["set"] = dict(changes)
+        return await self.request("fork", **params)
+
     async def evaluate_job(self, name: str) -> dict:
         """Evaluate a job at the next step boundary: {"job", "tasks": [names], "eval_loss":
         bool}; the results arrive as an "eval" event (``scores``, ``eval_loss``)."""

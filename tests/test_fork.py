@@ -205,3 +205,71 @@ def test_fork_refusals(model_dir, data_file, tmp_path):
     assert set(engine.jobs) == {"a", "c"}     # nothing was added by a refused fork
     engine.fork("a", "b", {"max_grad_norm": 0.5})  # and the name is still free
     assert engine.jobs["b"].cfg.max_grad_norm == 0.5
+
+
+# -- over the socket and from the command line ------------------------------------------------
+
+def test_parse_settings_reads_toml_values():
+    from typer import Exit
+
+    from mlora_tui.commands.engines import parse_settings
+
+    assert parse_settings(["lr=1e-4", "num_epochs = 3", "scheduler_type=cosine",
+                           'eval_tasks=["arc"]', "max_grad_norm=1"]) == {
+        "lr": 1e-4, "num_epochs": 3, "scheduler_type": "cosine", "eval_tasks": ["arc"],
+        "max_grad_norm": 1}
+    for bad in ["lr", "=1", "lr=", "lr=1e-4 x", "lr=[1"]:
+        with pytest.raises(Exit) as info:
+            parse_settings([bad])
+        assert info.value.exit_code == 2, bad
+
+
+def test_fork_over_the_socket_and_the_cli(tmp_path, model_dir):
+    import asyncio
+    import os
+
+    from typer.testing import CliRunner
+
+    from mlora_tui.cli import app
+    from mlora_tui.client import EngineClient, RequestFailed
+    from test_protocol import start_engine, stop_engine
+    from test_server import write_config
+
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    config = write_config(tmp_path / "served", model_dir, names=("a",))
+    proc, record = start_engine(config, str(runtime))
+    old = os.environ.get("MLORA_RUNTIME_DIR")
+    os.environ["MLORA_RUNTIME_DIR"] = str(runtime)
+    try:
+        async def main():
+            client = await EngineClient.connect(record["socket"], client="test")
+            try:
+                reply = await client.fork_job("a", "a-lr", {"lr": 1e-3})
+                assert reply["job"] == "a-lr" and reply["from"] == "a" and reply["step"] >= 0
+                with pytest.raises(RequestFailed) as info:
+                    await client.fork_job("a", "a-r", {"r": 4})
+                assert info.value.code == "user_error" and "new r" in info.value.message
+                jobs = {j["name"]: j for j in (await client.status())["jobs"]}
+                assert jobs["a-lr"]["adapter"]["lr"] == 1e-3
+            finally:
+                await client.close()
+        asyncio.run(asyncio.wait_for(main(), 120))
+
+        runner = CliRunner()
+        result = runner.invoke(app, ["jobs", "fork", "a", "--as", "a-cos", "--set", "lr=2e-3",
+                                     "--set", "scheduler_type=cosine", "-e", record["name"]])
+        assert result.exit_code == 0, result.output
+        assert "a-cos: forked from a at step" in result.output
+        result = runner.invoke(app, ["jobs", "fork", "a", "--as", "a-x", "--set", "colour=1"])
+        assert result.exit_code == 2 and "'colour' is not an adapter setting" in result.output
+        result = runner.invoke(app, ["jobs", "fork", "a", "--as", "a-x", "--set", "lr=x y"])
+        assert result.exit_code == 2 and "not a TOML value" in result.output
+        result = runner.invoke(app, ["jobs", "fork", "a", "--as", "A-LR"])
+        assert result.exit_code == 2 and "already in this engine" in result.output
+    finally:
+        if old is None:
+            os.environ.pop("MLORA_RUNTIME_DIR", None)
+        else:
+            os.environ["MLORA_RUNTIME_DIR"] = old
+        stop_engine(proc, record)

@@ -33,6 +33,7 @@ SAMPLE_PARAMS = {
     "resume": {"job": "a"},
     "cancel": {"job": "a"},
     "evaluate": {"job": "a"},
+    "fork": {"job": "a", "as": "a-lr", "set": {"lr": 1e-4}},
     "save": {"job": "a"},
     "stop": {},
     "generate": {"prompt": "hi", "jobs": ["a"], "base": True, "input": "", "max_new_tokens": 8,

@@ -54,6 +54,11 @@ REQUESTS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
     "resume": ({"job": str}, {}),
     "cancel": ({"job": str}, {}),
     # -> {"job": name, "state": new state}
+    "fork": ({"job": str, "as": str}, {"set": dict}),
+    # a new job "as" from job's state at this step boundary (weights, optimizer, schedule,
+    # data position, dropout seeds), the "set" settings changed from here on (lr, schedule,
+    # warm-up, clipping, dropout, num_epochs, eval; engine/train/fork.py) -> {"job": new,
+    # "from": job, "step": k}
     "evaluate": ({"job": str}, {}),
     # evaluate the job at the next step boundary (its eval_tasks, or every [[eval]] task
     # when it lists none, and its validation loss) -> {"job": name, "tasks": [names],

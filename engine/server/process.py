@@ -5,7 +5,7 @@
 - The **main thread** (``EngineServer``) loads the model and runs
   ``Engine.run(poll=...)``. ``poll``, called between steps, takes the requests the
   listener queued and applies them in arrival order (pause, resume, cancel, evaluate,
-  add_jobs, save, stop, status): only this thread touches the engine, so a command never lands in the
+  add_jobs, fork, save, stop, status): only this thread touches the engine, so a command never lands in the
   middle of a step.
 - The **listener thread** (``engine.server.listener``) does all socket I/O, answers
   ``hello`` and ``subscribe`` itself, queues the other requests for the main thread, and
@@ -335,6 +335,10 @@ class EngineServer:
     def _do_cancel(self, client_id: int, job: str) -> dict:
         self.engine.cancel(job)
         return {"job": job, "state": self.engine.jobs[job].state}
+
+    def _do_fork(self, client_id: int, job: str, **params) -> dict:
+        new = self.engine.fork(job, params["as"], params.get("set"))   # "as": a keyword
+        return {"job": new.name, "from": job, "step": new.step}
 
     def _do_evaluate(self, client_id: int, job: str) -> dict:
         return self.engine.request_evaluation(job)

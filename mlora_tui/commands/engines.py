@@ -217,6 +217,54 @@ def jobs_evaluate(
         "(mlora jobs list shows them)")
 
 
+@jobs_app.command("fork", help="Fork a job at the next step boundary: a new job (--as) starts "
+                              "from its weights, optimizer state, schedule position, data "
+                              "position and dropout seeds, with the --set settings changed "
+                              "from there on (lr, scheduler_type, warmup_ratio, warmup_steps, "
+                              "max_grad_norm, lora_dropout, num_epochs, eval_steps, "
+                              "eval_tasks, weight_decay, momentum, loraplus_lr_ratio). The "
+                              "schedule does not restart. Both jobs go on.")
+def jobs_fork(
+    name: Annotated[str, typer.Argument(help="The job (adapter) to fork.", show_default=False)],
+    new: Annotated[str, typer.Option("--as", help="The new job's (adapter's) name.",
+                                     show_default=False)],
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="FIELD=VALUE, the value as in TOML (lr=1e-4, eval_tasks=[\"arc\"]; "
+                      "a bare word is a string: scheduler_type=cosine). Repeatable.",
+        show_default=False)] = None,
+    engine: EngineOption = None,
+) -> None:
+    changes = parse_settings(settings or [])
+    result = engine_request(engine, lambda client: client.fork_job(name, new, changes))
+    say(f"{result.get('job', new)}: forked from {result.get('from', name)} at step "
+        f"{result.get('step')}" + (f" with {', '.join(settings or [])}" if settings else ""))
+
+
+def parse_settings(settings: list[str]) -> dict:
+    """``--set FIELD=VALUE`` options as {field: value}, each value read as a TOML value."""
+    import re
+
+    from engine.core.config_file import tomllib
+
+    changes: dict = {}
+    for setting in settings:
+        field, sep, text = setting.partition("=")
+        field, text = field.strip(), text.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", field) or not text:
+            fail(f"--set {setting!r}: expected FIELD=VALUE, such as lr=1e-4")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", text):
+                fail(f"--set {setting!r}: {text!r} is not a TOML value (a number, true/false, "
+                     "a \"string\" or a [list])")
+            value = text            # a bare word: scheduler_type=cosine
+        if field in changes:
+            fail(f"--set {field} is given twice")
+        changes[field] = value
+    return changes
+
+
 @jobs_app.command("save", help="Save a checkpoint now, of one job or of every unfinished "
                                "job.")
 def jobs_save(
