@@ -17,7 +17,7 @@ from __future__ import annotations
 import typer
 
 from engine.core.jobs import EXIT_CODES_HELP
-from mlora_tui.commands import configs, engines, evaluate, export, generate, run
+from mlora_tui.commands import configs, engines, evaluate, export, generate, run, sweeps
 
 app = typer.Typer(
     name="mlora",
@@ -32,6 +32,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(engines.jobs_app, name="jobs")
+app.add_typer(sweeps.sweep_app, name="sweep")
 
 # In the order `mlora --help` lists them.
 app.command(help=run.RUN_HELP)(run.run)

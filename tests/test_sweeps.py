@@ -91,6 +91,19 @@ def test_a_grid_sweep_prunes_losers_and_never_trains_more_than_parallel(model_di
     pruned = next(n for n, s in states.items() if s == "pruned")
     with pytest.raises(UserError, match="pruned"):
         engine.resume(pruned)
+    # mlora sweep show: the table, best first, and the file as JSON.
+    from typer.testing import CliRunner
+
+    from mlora_tui.cli import app
+    result = CliRunner().invoke(app, ["sweep", "show", "--dir", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ lr-")]
+    assert rows[0].startswith(f"│ {summary['best']} *")
+    assert "pruned by asha" in result.output
+    result = CliRunner().invoke(app, ["sweep", "show", "lr", "--dir", str(out), "--json"])
+    assert json.loads(result.stdout) == summary
+    result = CliRunner().invoke(app, ["sweep", "show", "zz", "--dir", str(out)])
+    assert result.exit_code == 2 and "no such sweep" in result.output
 
 
 _KILLER = textwrap.dedent("""
