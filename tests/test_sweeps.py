@@ -191,3 +191,10 @@ def test_resuming_with_a_changed_sweep_is_refused(model_dir, tmp_path):
     config.write_text(config.read_text().replace("parallel = 2", "parallel = 3"))
     with pytest.raises(UserError, match='sweep\\]\\] "lr" is not the one'):
         Engine(load_config(config), resume=True)
+
+
+def test_the_example_sweep_config_is_valid():
+    config = load_config(Path(__file__).parent.parent / "configs" / "sweep.toml")
+    (sweep,) = config.sweeps
+    assert sweep.n_trials == 6 and sweep.task == "sentiment" and not config.adapters
+    assert Path(sweep.base["data"]).is_file()
