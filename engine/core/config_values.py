@@ -183,3 +183,40 @@ def check_init_from(value: str, base_dir: Path, where: Where) -> str:
         raise where.error("init_from", f"expected an adapter folder holding adapter_config.json, "
                                        f"got {path} (no adapter_config.json there)")
     return str(path)
+
+
+# --- experiment trackers ([train] report_to; engine/train/trackers.py) ----------------------
+
+# Each tracker: the module its library imports as, and the extra that installs it.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio")}
+
+
+def convert_report_to(value: Any, where: Where) -> list[str]:
+    """A list of tracker names, each one's library importable (found, not imported)."""
+    import importlib.util
+
+    key = "report_to"
+    names = ", ".join(f'"{n}"' for n in TRACKERS)
+    if not isinstance(value, list):
+        raise where.error(key, f"expected a list of tracker names (any of {names}), "
+                               f"got {describe(value)}")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise where.error(key, f"expected a list of strings, got an item {describe(item)}")
+        if item not in TRACKERS:
+            raise where.error(key, f"unknown tracker {show(item)}; expected any of {names}"
+                                   + suggestion(item, TRACKERS))
+        if item in out:
+            raise where.error(key, f"expected unique tracker names, got {show(item)} twice")
+        module, extra = TRACKERS[item]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise where.error(key, f"{show(item)} needs the {module} package, which is not "
+                                   f"installed: pip install 'mlora-tui[{extra}]'")
+        out.append(item)
+    return out
