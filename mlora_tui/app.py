@@ -30,8 +30,8 @@ from textual.screen import Screen
 from textual.widgets import Input, Tab, Tabs
 
 from engine.core.errors import UserError
-from engine.core.jobs import DONE, FAILED, PAUSED, QUEUED, RUNNING
 from engine.core.protocol import VERSION_MISMATCH
+from mlora_tui.actions import JOB_ACTIONS, MONITOR_BINDINGS, PANES, JobActions, palette_commands
 from mlora_tui.gpu import GpuReport, GpuSampler
 from mlora_tui.state import CONNECTED, EngineState, JobView
 from mlora_tui.widgets.adapter_pane import AdapterPane
@@ -52,56 +52,12 @@ REDRAW_HZ = 4
 GPU_SAMPLE_S = 1.0
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0
 
-# Job actions: what each needs of the selected job's state.
-_JOB_ACTIONS = {
-    "pause": (RUNNING, QUEUED),
-    "resume": (PAUSED,),
-    "cancel_job": (QUEUED, RUNNING, PAUSED),
-    "save": (RUNNING, PAUSED, QUEUED),
-    # A finished job too, while its adapter is in the model (else the engine says why).
-    "evaluate": (RUNNING, PAUSED, QUEUED, DONE, FAILED),
-}
-# The detail panes, in the order of their tabs and of the keys 1-4 that bring them up.
-PANES = (("loss", "Loss"), ("adapter", "Adapter"), ("backend", "Backend"), ("log", "Log"))
 
 
-class MonitorScreen(Screen):
+class MonitorScreen(JobActions, Screen):
     """Jobs, the selected adapter's settings and loss, the backend, and the log."""
 
-    BINDINGS = [
-        # First, so that the footer keeps it when the terminal is too narrow for the rest.
-        Binding("question_mark", "app.help", "Help", id="help", tooltip="This list of keys"),
-        Binding("p", "pause", "Pause", id="pause",
-                tooltip="Take the selected job out of the batch until resumed"),
-        Binding("r", "resume", "Resume", id="resume",
-                tooltip="Put the selected paused job back in the batch"),
-        Binding("x", "cancel_job", "Cancel", id="cancel",
-                tooltip="End the selected job for good (asks first)"),
-        Binding("a", "add", "Add", id="add",
-                tooltip="Add adapters from a TOML file of [[adapter]] tables"),
-        Binding("s", "save", "Save", id="save",
-                tooltip="Write a checkpoint of the selected job now"),
-        Binding("l", "toggle_overlay", "Overlay", id="overlay",
-                tooltip="Loss of the selected adapter, or of all adapters together"),
-        Binding("slash", "filter", "Filter", id="filter",
-                tooltip="Show only the adapters whose name contains a text"),
-        Binding("escape", "clear_filter", "Clear filter", show=False, id="clear-filter",
-                tooltip="Show every adapter again"),
-        Binding("o", "cycle_sort", "Sort", id="sort",
-                tooltip="Sort the jobs by the next column (added order after the last)"),
-        # After the keys every run uses: on an 80-column footer it gives way to them.
-        Binding("e", "evaluate", "Eval", id="evaluate",
-                tooltip="Score the selected job on its eval tasks now (between two steps)"),
-        Binding("g", "playground", "Ask", id="playground",
-                tooltip="The playground: jobs and the base model answer a prompt side by side"),
-        Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
-                tooltip="Loss chart: log or linear loss axis"),
-        Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
-                tooltip="Loss chart: smoothed (EMA) or raw losses"),
-        *(Binding(str(i), f"show_pane('{pane}')", title, show=False, id=f"pane-{pane}",
-                  tooltip=f"Show the {title.lower()} pane (a tab on a small terminal)")
-          for i, (pane, title) in enumerate(PANES, 1)),
-    ]
+    BINDINGS = MONITOR_BINDINGS
 
     @dataclass
     class GpuSampled(Message):
@@ -230,51 +186,13 @@ class MonitorScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """None (shown dimmed, does nothing) for keys that do not apply right now."""
-        live = self.state.connection == CONNECTED
-        if action in _JOB_ACTIONS:
-            job = self.selected_job
-            ok = live and job is not None and job.state in _JOB_ACTIONS[action]
-            if action == "save" and job is not None:
-                ok = ok and job.step > 0
-            return True if ok else None
+        if action in JOB_ACTIONS:
+            return self.job_action_allowed(action)
         if action in ("add", "playground"):
-            return True if live else None
+            return True if self.state.connection == CONNECTED else None
         if action == "clear_filter":
             return bool(self.name_filter) or self.filter_input.display
         return True
-
-    def action_pause(self) -> None:
-        self.app.send("pause", self.selected)
-
-    def action_resume(self) -> None:
-        self.app.send("resume", self.selected)
-
-    def action_save(self) -> None:
-        self.app.send("save", self.selected)
-
-    def action_evaluate(self) -> None:
-        # The scores come later, as an eval event (the log, the table, the adapter pane).
-        self.state.note(f"{self.selected}: evaluation requested")
-        self.app.send("evaluate_job", self.selected)
-
-    def action_playground(self) -> None:
-        from mlora_tui.widgets.playground import EngineBackend, PlaygroundScreen
-        self.app.push_screen(PlaygroundScreen(EngineBackend(self.app, self.selected)))
-
-    def action_cancel_job(self) -> None:
-        name = self.selected
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.app.send("cancel", name)
-
-        self.app.push_screen(
-            ConfirmScreen(f"Cancel job {name!r}?\n\nIt stops for good and its adapter leaves "
-                          f"the model; checkpoints already written stay.", "Cancel job"),
-            answered)
-
-    def action_add(self) -> None:
-        self.app.push_screen(AddAdaptersScreen(self.app.add_adapters_from))
 
     def action_toggle_overlay(self) -> None:
         self.overlay = not self.overlay
@@ -558,19 +476,7 @@ class MloraApp(App):
         if not isinstance(screen, MonitorScreen):
             return
         job = screen.selected or "the selected job"
-        commands = [
-            ("pause", f"Pause {job}", "take the job out of the batch until resumed"),
-            ("resume", f"Resume {job}", "put the paused job back in the batch"),
-            ("cancel_job", f"Cancel {job}", "end the job for good (asks first)"),
-            ("save", f"Checkpoint {job}", "write a checkpoint of the job now"),
-            ("evaluate", f"Evaluate {job}", "score the job on its eval tasks now"),
-            ("add", "Add adapters", "add jobs from a TOML file of [[adapter]] tables"),
-            ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
-            ("filter", "Filter jobs", "show only adapters whose name contains a text"),
-            ("cycle_sort", "Sort jobs by the next column", "added order after the last"),
-            ("log_scale", "Toggle the loss chart's log scale", "log or linear loss axis"),
-            ("smoothing", "Toggle loss smoothing", "smoothed (EMA) or raw losses"),
-        ]
+        commands = palette_commands(job)
         for action, title, help_text in commands:
             if screen.check_action(action, ()):
                 yield SystemCommand(title, help_text, partial(screen.run_action, action))

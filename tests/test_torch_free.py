@@ -17,8 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine.core", "engine.tools", "mlora_tui")
-# The Textual app and its widgets import textual (and nothing heavier); the rest none of it.
-TEXTUAL_MODULES = ("mlora_tui.app", "mlora_tui.widgets")
+# The Textual app, its keys and widgets import textual (nothing heavier); the rest none of it.
+TEXTUAL_MODULES = ("mlora_tui.app", "mlora_tui.actions", "mlora_tui.widgets")
 
 SCRIPT = """
 import importlib, json, pkgutil, sys
