@@ -189,7 +189,8 @@ def test_fork_refusals(model_dir, data_file, tmp_path):
                            ({"lr": "fast"}, "lr"),
                            ({"num_epochs": 0}, "num_epochs"),
                            ({"momentum": 0.9}, "momentum"),
-                           ({"eval_steps": 2}, "nothing to evaluate")]:
+                           ({"eval_steps": 2}, "nothing to evaluate"),
+                           ({"lr": None}, "cannot fork 'a' with no lr")]:
         with pytest.raises(UserError) as info:
             engine.fork("a", "b", changes)
         assert words in str(info.value), (changes, str(info.value))
@@ -273,3 +274,21 @@ def test_fork_over_the_socket_and_the_cli(tmp_path, model_dir):
         else:
             os.environ["MLORA_RUNTIME_DIR"] = old
         stop_engine(proc, record)
+
+
+# -- the TUI's fork form (key f) ----------------------------------------------------------------
+
+def test_fork_form_values():
+    from mlora_tui.widgets.fork_form import changed_settings, parse_value, toml_value
+
+    assert [toml_value(v) for v in (3e-4, None, "cosine", ["arc", "hs"], 2)] == \
+        ["0.0003", "", '"cosine"', '["arc", "hs"]', "2"]
+    initial = {"lr": "0.0003", "scheduler_type": '"constant"', "max_grad_norm": "1.0"}
+    assert changed_settings(initial, {"lr": "1e-4", "scheduler_type": "cosine",
+                                      "max_grad_norm": ""}) == \
+        {"lr": 1e-4, "scheduler_type": "cosine", "max_grad_norm": None}
+    assert changed_settings(initial, dict(initial)) == {}
+    for field, text in [("lr", ""), ("lr", "1e-4 x")]:
+        with pytest.raises(ValueError, match=field):
+            parse_value(field, text)
+

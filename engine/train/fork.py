@@ -69,6 +69,8 @@ REFUSED = {
           "state cannot carry over" for f in MIXLORA_FIELDS},
 }
 FORKABLE_STATES = (RUNNING, QUEUED, PAUSED)
+# Settings a fork may unset (None: no clipping, warm-up by warmup_ratio, no periodic eval).
+UNSETTABLE = ("max_grad_norm", "warmup_steps", "eval_steps")
 
 
 def fork_config(engine: "Engine", src: "Job", new: str, changes: dict[str, Any]):
@@ -95,6 +97,9 @@ def fork_config(engine: "Engine", src: "Job", new: str, changes: dict[str, Any])
         raw.pop("warmup_steps", None)
     for field, value in changes.items():
         if value is None:            # back to the default (no clipping, no eval_steps, ...)
+            if field not in UNSETTABLE:
+                raise UserError(f"cannot fork {src.name!r} with no {field}: only "
+                                + ", ".join(UNSETTABLE) + " can be unset")
             raw.pop(field, None)
         else:
             raw[field] = value
