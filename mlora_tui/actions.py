@@ -55,6 +55,8 @@ MONITOR_BINDINGS = [
             tooltip="Score the selected job on its eval tasks now (between two steps)"),
     Binding("g", "playground", "Ask", id="playground",
             tooltip="The playground: jobs and the base model answer a prompt side by side"),
+    Binding("w", "sweeps", "Sweeps", id="sweeps",
+            tooltip="The sweeps: each sweep's trials ranked by their metric"),
     Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
             tooltip="Loss chart: log or linear loss axis"),
     Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
@@ -77,6 +79,7 @@ def palette_commands(job: str) -> Iterable[tuple[str, str, str]]:
         ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
         ("filter", "Filter jobs", "show only adapters whose name contains a text"),
         ("cycle_sort", "Sort jobs by the next column", "added order after the last"),
+        ("sweeps", "Sweeps", "each sweep's trials ranked by their metric"),
         ("log_scale", "Toggle the loss chart's log scale", "log or linear loss axis"),
         ("smoothing", "Toggle loss smoothing", "smoothed (EMA) or raw losses"),
     ]
@@ -127,6 +130,10 @@ class JobActions:
             ConfirmScreen(f"Cancel job {name!r}?\n\nIt stops for good and its adapter leaves "
                           f"the model; checkpoints already written stay.", "Cancel job"),
             answered)
+
+    def action_sweeps(self) -> None:
+        from mlora_tui.widgets.sweep_view import SweepScreen
+        self.app.push_screen(SweepScreen(self.state))
 
     def action_add(self) -> None:
         from mlora_tui.widgets.add_adapters import AddAdaptersScreen

@@ -39,7 +39,7 @@ from mlora_tui.widgets.add_adapters import AddAdaptersScreen
 from mlora_tui.widgets.backend_pane import BackendPane
 from mlora_tui.widgets.confirm import ConfirmScreen
 from mlora_tui.widgets.help_screen import HelpScreen
-from mlora_tui.widgets.jobs_table import LABELS, JobsTable
+from mlora_tui.widgets.jobs_table import LABELS, JobsTable, is_unfolded
 from mlora_tui.widgets.key_footer import KeyFooter
 from mlora_tui.widgets.log_pane import LogPane
 from mlora_tui.widgets.loss_chart import LossChart
@@ -69,6 +69,7 @@ class MonitorScreen(JobActions, Screen):
         self.overlay = False
         self.name_filter = ""
         self.sort_column: str | None = None     # None: the order jobs were added in
+        self.unfolded: dict[str, bool] = {}     # sweep -> its trials shown (as the user left it)
         self.gpu_report: GpuReport | None = None
         self._drawn: tuple | None = None
         self._bindings_key: tuple | None = None
@@ -132,14 +133,15 @@ class MonitorScreen(JobActions, Screen):
             return
         state = self.state
         key = (state.version, self.gpu_report, self.selected, self.overlay, self.name_filter,
-               self.sort_column)
+               self.sort_column, tuple(self.unfolded.items()))
         if key == self._drawn and not force:
             return
         self._drawn = key
         with self.app.batch_update():
             self.status_bar.show(state, self.app.target_name)
             jobs = list(state.jobs.values())
-            self.jobs_table.reconcile(jobs, self.name_filter, self.sort_column)
+            self.jobs_table.reconcile(jobs, self.name_filter, self.sort_column, state.sweeps,
+                                      self.unfolded)
             if self.selected not in state.jobs:
                 self.selected = self.jobs_table.highlighted_job
             job = self.selected_job
@@ -154,7 +156,8 @@ class MonitorScreen(JobActions, Screen):
             if self.name_filter:
                 title += f" · filter '{self.name_filter}'"
             self.jobs_pane.border_title = title
-        bindings_key = (state.connection, state.stopped, job.state if job else None)
+        bindings_key = (state.connection, state.stopped, job.state if job else None,
+                        bool(state.sweeps))
         if bindings_key != self._bindings_key:
             self._bindings_key = bindings_key
             self.refresh_bindings()
@@ -179,6 +182,13 @@ class MonitorScreen(JobActions, Screen):
             self.selected = message.name
             self.redraw()
 
+    @on(JobsTable.GroupToggled)
+    def _group_toggled(self, message: JobsTable.GroupToggled) -> None:
+        trials = sum(job.sweep == message.sweep for job in self.state.jobs.values())
+        total = max(trials, (self.state.sweeps.get(message.sweep) or {}).get("trials_total") or 0)
+        self.unfolded[message.sweep] = not is_unfolded(message.sweep, total, self.unfolded)
+        self.redraw()
+
     def on_monitor_screen_gpu_sampled(self, message: GpuSampled) -> None:
         self.gpu_report = message.report
 
@@ -190,6 +200,8 @@ class MonitorScreen(JobActions, Screen):
             return self.job_action_allowed(action)
         if action in ("add", "playground"):
             return True if self.state.connection == CONNECTED else None
+        if action == "sweeps":
+            return True if self.state.sweeps else None
         if action == "clear_filter":
             return bool(self.name_filter) or self.filter_input.display
         return True
@@ -492,7 +504,8 @@ class MloraApp(App):
 def binding_ids() -> set[str]:
     """Every binding id a keymap may remap."""
     from mlora_tui.widgets.playground import PlaygroundScreen
+    from mlora_tui.widgets.sweep_view import SweepScreen
     screens = (MloraApp, MonitorScreen, ConfirmScreen, AddAdaptersScreen, HelpScreen,
-               PlaygroundScreen)
+               PlaygroundScreen, SweepScreen)
     return {binding.id for screen in screens for binding in screen.BINDINGS
             if isinstance(binding, Binding) and binding.id}

@@ -62,6 +62,11 @@ class JobView:
     # latest of each task, and the step of the latest evaluation that scored any.
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     scores_step: int | None = None
+    # A sweep's trial (from its job_added event): the sweep's name, the trial's index and
+    # the searched parameters; None for a job of its own.
+    sweep: str | None = None
+    trial: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -119,6 +124,8 @@ class EngineState:
         self.last_batch: dict[str, Any] | None = None   # the newest ``batch`` event
         self.last_seq = 0
         self.exit_reason: str | None = None    # from the engine's last event, engine_exit
+        # Sweep name -> its latest summary (a ``sweep`` event: trials ranked best first).
+        self.sweeps: dict[str, dict[str, Any]] = {}
 
     # -- the connection -----------------------------------------------------------------
 
@@ -215,6 +222,10 @@ class EngineState:
         job.targets = list(ev.get("targets") or [])
         job.train_examples = ev.get("train_examples")
         job.val_examples = ev.get("val_examples")
+        if ev.get("sweep") is not None:
+            job.sweep, job.trial = str(ev["sweep"]), ev.get("trial")
+            job.params = dict(ev.get("params") or {})
+            self.sweeps.setdefault(job.sweep, {"name": job.sweep, "trials": []})
         self._log(ev, "info", f"{job.name}: added ({job.train_examples} examples, "
                               f"{job.total_steps} steps)", job.name)
 
@@ -257,6 +268,12 @@ class EngineState:
             job.scores_step = step
         if said:
             self._log(ev, "info", f"{job.name}: {'; '.join(said)} at step {step}", job.name)
+
+    def _on_sweep(self, ev: dict[str, Any]) -> None:
+        # The whole summary each time (after every report): the latest replaces the last.
+        name = ev.get("name")
+        if name is not None:
+            self.sweeps[str(name)] = {k: v for k, v in ev.items() if k not in ("type", "seq")}
 
     def _on_checkpoint(self, ev: dict[str, Any]) -> None:
         self._log(ev, "info", f"{ev['job']}: checkpoint at step {ev.get('step')} -> "

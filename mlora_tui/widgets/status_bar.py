@@ -11,12 +11,12 @@ from collections import Counter
 from rich.text import Text
 from textual.widgets import Static
 
-from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING
+from engine.core.jobs import CANCELLED, DONE, FAILED, PAUSED, PRUNED, QUEUED, RUNNING
 from mlora_tui.state import CONNECTED, CONNECTING, EngineState
 from mlora_tui.widgets import formatting as fmt
 
 # What is happening now first, how jobs ended last.
-_ORDER = (RUNNING, QUEUED, PAUSED, DONE, FAILED, CANCELLED)
+_ORDER = (RUNNING, QUEUED, PAUSED, DONE, PRUNED, FAILED, CANCELLED)
 
 
 class StatusBar(Static):
