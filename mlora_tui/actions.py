@@ -25,6 +25,7 @@ JOB_ACTIONS = {
     "save": (RUNNING, PAUSED, QUEUED),
     # A finished job too, while its adapter is in the model (else the engine says why).
     "evaluate": (RUNNING, PAUSED, QUEUED, DONE, FAILED),
+    "fork": (RUNNING, PAUSED, QUEUED),
 }
 # The detail panes, in the order of their tabs and of the keys 1-4 that bring them up.
 PANES = (("loss", "Loss"), ("adapter", "Adapter"), ("backend", "Backend"), ("log", "Log"))
@@ -57,6 +58,8 @@ MONITOR_BINDINGS = [
             tooltip="The playground: jobs and the base model answer a prompt side by side"),
     Binding("w", "sweeps", "Sweeps", id="sweeps",
             tooltip="The sweeps: each sweep's trials ranked by their metric"),
+    Binding("f", "fork", "Fork", show=False, id="fork",
+            tooltip="Fork the selected job: a new job from this step, settings changed"),
     Binding("L", "log_scale", "Log scale", show=False, id="log-scale",
             tooltip="Loss chart: log or linear loss axis"),
     Binding("E", "smoothing", "Smooth", show=False, id="smoothing",
@@ -75,6 +78,7 @@ def palette_commands(job: str) -> Iterable[tuple[str, str, str]]:
         ("cancel_job", f"Cancel {job}", "end the job for good (asks first)"),
         ("save", f"Checkpoint {job}", "write a checkpoint of the job now"),
         ("evaluate", f"Evaluate {job}", "score the job on its eval tasks now"),
+        ("fork", f"Fork {job}", "a new job from the job's state now, settings changed"),
         ("add", "Add adapters", "add jobs from a TOML file of [[adapter]] tables"),
         ("toggle_overlay", "Toggle all losses", "one adapter's loss, or all together"),
         ("filter", "Filter jobs", "show only adapters whose name contains a text"),
@@ -130,6 +134,10 @@ class JobActions:
             ConfirmScreen(f"Cancel job {name!r}?\n\nIt stops for good and its adapter leaves "
                           f"the model; checkpoints already written stay.", "Cancel job"),
             answered)
+
+    def action_fork(self) -> None:
+        from mlora_tui.widgets.fork_form import ForkScreen
+        self.app.push_screen(ForkScreen(self.app, self.selected_job))
 
     def action_sweeps(self) -> None:
         from mlora_tui.widgets.sweep_view import SweepScreen

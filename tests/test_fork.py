@@ -292,3 +292,55 @@ def test_fork_form_values():
         with pytest.raises(ValueError, match=field):
             parse_value(field, text)
 
+
+def test_f_opens_the_fork_form_and_sends_the_changed_settings():
+    import asyncio
+
+    from textual.widgets import Input
+
+    from mlora_tui.app import MloraApp
+    from mlora_tui.gpu import NO_GPU
+    from mlora_tui.widgets.fork_form import ForkScreen
+    from tui_recorded import FixedGpus, recorded_state
+
+    class Client:
+        def __init__(self):
+            self.requests = []
+
+        async def fork_job(self, name, new, changes=None):
+            from mlora_tui.client import RequestFailed
+            if new == "taken":
+                raise RequestFailed("user_error", "an adapter named 'taken' is already here")
+            self.requests.append((name, new, changes))
+            return {"job": new, "from": name, "step": 3}
+
+    async def scenario():
+        app = MloraApp(state=recorded_state(), gpu_sampler=FixedGpus(NO_GPU))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            app.client = client = Client()
+            screen = app.screen
+            job = screen.selected_job
+            assert job is not None and job.state in ("running", "paused", "queued")
+            assert screen.active_bindings["f"].enabled
+            await pilot.press("f")
+            await pilot.pause()
+            form = app.screen
+            assert isinstance(form, ForkScreen) and form.job_name == job.name
+            lr = form.query_one("#set-lr", Input)
+            assert lr.value == repr(job.adapter["lr"])
+            lr.value = "1e-4"
+            name = form.query_one("#new-name", Input)
+            name.value = "taken"
+            form.send()
+            await pilot.pause(0.2)
+            assert "already here" in str(form.query_one("#error").render())
+            name.value = "copy"
+            form.send()
+            for _ in range(50):
+                await pilot.pause(0.02)
+                if not isinstance(app.screen, ForkScreen):
+                    break
+            assert client.requests == [(job.name, "copy", {"lr": 1e-4})]
+            assert not isinstance(app.screen, ForkScreen)
+    asyncio.run(scenario())
