@@ -135,11 +135,10 @@ def is_unfolded(sweep: str, total: int, unfolded: Mapping[str, bool]) -> bool:
 
 def best_value(summary: Mapping[str, Any]) -> float | None:
     """The metric's value of the sweep's best trial (its latest report while it trains)."""
+    from mlora_tui.widgets.sweep_view import trial_value
     for trial in summary.get("trials") or []:
         if trial.get("job") == summary.get("best"):
-            history = trial.get("metric_history") or []
-            value = trial.get("value")
-            return value if value is not None else (history[-1][1] if history else None)
+            return trial_value(trial)
     return None
 
 
@@ -230,6 +229,7 @@ class JobsTable(DataTable):
         self._shown: dict[str, dict[str, str]] = {}
         self.shown_columns: list[str] = [key for key, *_ in COLUMNS]
         self.has_scores = False     # some job has scores: the score column is wanted
+        self._longest = 0           # the longest name cell's text
 
     def on_mount(self) -> None:
         for key, label, width, _ in COLUMNS:
@@ -285,9 +285,12 @@ class JobsTable(DataTable):
                         self.update_cell(key, column, self._cell(column, text, variables, group))
             self._shown[key] = cells
         has_scores = any(job.scores for job in jobs)
-        if added or has_scores != self.has_scores:
-            self.has_scores = has_scores
-            self._fit()     # a longer name may widen its column; scores bring theirs
+        longest = max((len(cells["name"]) for cells in self._shown.values()), default=0)
+        if added or has_scores != self.has_scores or longest != self._longest:
+            # A longer name (or a sweep's row counting more) may widen its column; scores
+            # bring theirs.
+            self.has_scores, self._longest = has_scores, longest
+            self._fit()
         if [row.key.value for row in self.ordered_rows] != names:
             # A row shown again after a filter change goes back to its place; a sorted
             # table follows its values. The cursor stays on its row's key, not its index.
