@@ -12,12 +12,12 @@ from typing import Any, Iterable
 
 from textual.binding import Binding
 
-from engine.core.jobs import DONE, FAILED, PAUSED, QUEUED, RUNNING
+from engine.core.jobs import DONE, FAILED, PAUSED, PRUNED, QUEUED, RUNNING
 from mlora_tui.state import CONNECTED
 from mlora_tui.widgets.confirm import ConfirmScreen
 
 # Job actions: what each needs of the selected job's state. A job in a final state
-# (done, failed, cancelled, pruned) takes none of them but evaluate.
+# (done, failed, cancelled, pruned) takes none of them but evaluate (and fork, if pruned).
 JOB_ACTIONS = {
     "pause": (RUNNING, QUEUED),
     "resume": (PAUSED,),
@@ -25,7 +25,7 @@ JOB_ACTIONS = {
     "save": (RUNNING, PAUSED, QUEUED),
     # A finished job too, while its adapter is in the model (else the engine says why).
     "evaluate": (RUNNING, PAUSED, QUEUED, DONE, FAILED),
-    "fork": (RUNNING, PAUSED, QUEUED),
+    "fork": (RUNNING, PAUSED, QUEUED, PRUNED),
 }
 # The detail panes, in the order of their tabs and of the keys 1-4 that bring them up.
 PANES = (("loss", "Loss"), ("adapter", "Adapter"), ("backend", "Backend"), ("log", "Log"))

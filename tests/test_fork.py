@@ -154,6 +154,16 @@ def test_lr_change_at_a_step_boundary_is_that_steps_lr(model_dir, data_file, tmp
     assert [g["lr"] for g in b.optimizer.param_groups] == fresh[2]
 
 
+def test_a_pruned_trial_forks_and_trains_on(model_dir, data_file, tmp_path):
+    engine = _engine(model_dir, tmp_path, [_adapter("a", data_file)])
+    engine.run(max_steps=4)                      # 2 optimizer steps, as a trial pruned there
+    engine._set_state(engine.jobs["a"], "pruned", "pruned by asha at step 2")
+    engine.fork("a", "a-on", {"lr": 5e-3})
+    engine.run()
+    assert engine.jobs["a"].state == "pruned" and engine.jobs["a"].step == 2
+    assert engine.jobs["a-on"].state == "done" and engine.jobs["a-on"].step == 6
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(model_dir, data_file, tmp_path_factory):
     engine = _engine(model_dir, tmp_path_factory.mktemp("ref"), [_adapter("a", data_file)])
@@ -201,7 +211,7 @@ def test_fork_refusals(model_dir, data_file, tmp_path):
     with pytest.raises(UserError, match="no job named"):
         engine.fork("zz", "b")
     engine.cancel("c")
-    with pytest.raises(UserError, match="only running, queued or paused"):
+    with pytest.raises(UserError, match="only running, queued, paused or pruned"):
         engine.fork("c", "b")
     assert set(engine.jobs) == {"a", "c"}     # nothing was added by a refused fork
     engine.fork("a", "b", {"max_grad_norm": 0.5})  # and the name is still free

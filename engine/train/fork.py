@@ -38,7 +38,7 @@ import torch
 
 from engine.core.config import MIXLORA_FIELDS, parse_adapter_tables
 from engine.core.errors import UserError
-from engine.core.jobs import PAUSED, QUEUED, RUNNING
+from engine.core.jobs import PAUSED, PRUNED, QUEUED, RUNNING
 
 if TYPE_CHECKING:
     from engine.train.engine import Engine
@@ -68,7 +68,8 @@ REFUSED = {
     **{f: "the MixLoRA routing (experts, router) would change, so the weights and optimizer "
           "state cannot carry over" for f in MIXLORA_FIELDS},
 }
-FORKABLE_STATES = (RUNNING, QUEUED, PAUSED)
+# A pruned sweep trial too: its adapter and state stay in the engine, and a fork trains on.
+FORKABLE_STATES = (RUNNING, QUEUED, PAUSED, PRUNED)
 # Settings a fork may unset (None: no clipping, warm-up by warmup_ratio, no periodic eval).
 UNSETTABLE = ("max_grad_norm", "warmup_steps", "eval_steps")
 
@@ -112,8 +113,8 @@ def fork_job(engine: "Engine", name: str, new: str, changes: dict[str, Any]) -> 
     """Add job ``new``: job ``name``'s state at this step boundary, with ``changes``."""
     src = engine.job(name)
     if src.state not in FORKABLE_STATES:
-        raise UserError(f"job {name!r} is {src.state}; only running, queued or paused jobs "
-                        "fork")
+        raise UserError(f"job {name!r} is {src.state}; only running, queued, paused or pruned "
+                        "jobs fork")
     cfg = fork_config(engine, src, new, dict(changes))
     total = src.data.total_steps(cfg.num_epochs)
     if total < src.step:
