@@ -1,6 +1,7 @@
 """End to end, as a person would: `mlora-tui CONFIG` in a terminal (tmux), keys typed, the
 screen read back; the terminal closed under it (SIGHUP, like a dropped SSH connection)
-while the engine trains on; `mlora-tui --attach NAME` in a new terminal showing the job
+while the engine trains on (after asking both jobs in the playground, `g`, while they
+train); `mlora-tui --attach NAME` in a new terminal showing the job
 further along with the loss history from before; the engine stopped from the TUI.
 
 The screen is read with ``tmux capture-pane -p``; what the keys did is also checked with a
@@ -16,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,10 @@ class Terminal:
         def ready() -> str | None:
             screen = self.screen(name)
             return screen if predicate(screen) else None
-        return wait_for(ready, timeout, f"the screen to show {what}")
+        try:
+            return wait_for(ready, timeout, f"the screen to show {what}")
+        except AssertionError as e:     # show what it showed instead
+            raise AssertionError(f"{e}; the screen:\n{self.screen(name)}") from None
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], env=self.env,
@@ -183,6 +188,29 @@ def test_detach_by_closing_the_terminal_then_attach_again(terminal, tmp_path_fac
         terminal.wait_screen("first", lambda s: "running" in (row(s, "alpha") or ""),
                              "alpha running again")
         assert job_summary(record, "alpha")["state"] in ("queued", "running")
+
+        # The playground (g): both jobs answer one prompt while the engine trains on.
+        terminal.keys("first", "g")
+        terminal.wait_screen("first", lambda s: "Prompt (ctrl+enter sends)" in s,
+                             "the playground")
+        terminal.keys("first", "Copy.", *["Tab"] * 5, "End")   # to beta, last in the list
+        # The prompt box names the highlighted row's template: beta's, once the list has
+        # the focus and its last row highlighted.
+        terminal.wait_screen("first", lambda s: "template none (beta)" in s, "beta highlighted")
+        terminal.keys("first", "Space")                    # beta too (alpha is preselected)
+        # SelectionList toggles through a message of its own: a key typed on its heels (no
+        # person is that fast) could reach the screen first. No text shows the toggle.
+        time.sleep(1.0)
+        terminal.keys("first", "C-j")
+        step_asked = job_summary(record, "alpha")["step"]
+        screen = terminal.wait_screen(
+            "first", lambda s: all(re.search(rf"{job} · step \d+", s) for job in
+                                   ("alpha", "beta")) and s.count("length") + s.count("eos")
+            >= 2, "answers from alpha and beta", timeout=90)
+        assert job_summary(record, "alpha")["step"] > step_asked   # it trained meanwhile
+        terminal.keys("first", "Escape")
+        terminal.wait_screen("first", lambda s: "running" in (row(s, "alpha") or ""),
+                             "the jobs table again")
 
         # Let the curve grow well away from the y axis, then close the terminal.
         wait_for(lambda: job_summary(record, "alpha")["step"] >= TOTAL_STEPS // 8, 120,
