@@ -71,7 +71,10 @@ def generate_many(adapters: Sequence[str | Path], prompt: str, *, input: str = "
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
     decoder = BatchedDecoder(aset, decode_rows, settings, stop_ids(aset.model, tokenizer),
                              on_token=on_token)
-    decoder.run()
+    # Nothing here trains: inference mode skips autograd's bookkeeping (about 5% a token).
+    # The engine's playground decodes under no_grad only, beside training.
+    with torch.inference_mode():
+        decoder.run()
     for row, done in zip(rows, decode_rows):
         texts[row.name] = Generation(row.name, tokenizer.decode(
             done.tokens, skip_special_tokens=True).strip(), len(done.tokens), done.stop)
