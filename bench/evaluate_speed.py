@@ -340,6 +340,44 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(res: dict, args, model_dir: Path, adapters: list, task_file: Path, lm_work: Path,
+            n_cmp: int, counts: list[int]) -> None:
+    """The timed runs, in order, into ``res``: fixed costs, (a), (b), scaling, (a) again,
+    and the in-process prefix comparison."""
+    # First (it also warms lm_eval's datasets cache of the task file for the timed runs).
+    log("fixed costs (--limit 1): lm_eval CLI, then mlora evaluate")
+    fixed = {"lm_eval": run_lm_eval_one(model_dir, adapters[0], task_file, lm_work,
+                                        args.lm_eval_batch_size, limit=1)}
+    fixed["mlora"] = run_mlora(adapters[:1], task_file, limit=1)
+    if not args.no_fixed:
+        res["fixed"] = fixed
+    log(f"(a) mlora evaluate, {n_cmp} adapters")
+    res["mlora_compare"] = run_mlora(adapters[:n_cmp], task_file)
+    log(f"    {res['mlora_compare']['wall_s']:.1f} s")
+    res["lm_eval"] = []
+    for i, adapter in enumerate(adapters[:n_cmp]):
+        log(f"(b) lm_eval CLI, adapter {adapter.name}")
+        res["lm_eval"].append(run_lm_eval_one(model_dir, adapter, task_file,
+                                              lm_work,
+                                              args.lm_eval_batch_size))
+        log(f"    {res['lm_eval'][-1]['wall_s']:.1f} s")
+    res["scaling"] = []
+    for n in counts:
+        if n == n_cmp:
+            res["scaling"].append(res["mlora_compare"])
+            continue
+        log(f"scaling: mlora evaluate, {n} adapters")
+        res["scaling"].append(run_mlora(adapters[:n], task_file))
+        log(f"    {res['scaling'][-1]['wall_s']:.1f} s")
+    log(f"(a) again, after the others: mlora evaluate, {n_cmp} adapters (the noise)")
+    res["mlora_compare_again"] = run_mlora(adapters[:n_cmp], task_file)
+    log(f"    {res['mlora_compare_again']['wall_s']:.1f} s")
+    if not args.no_prefix:
+        log(f"in process: choice_logliks, {n_cmp} adapters, share_prefix True / False")
+        res["prefix"] = in_process_prefix(adapters[:n_cmp], task_file, args.threads,
+                                          args.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=200)
@@ -393,39 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                  "env": {k: os.environ.get(k) for k in
                          [*MALLOC_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"]}}
 
-    lm_work = work / "lm_eval"
-    # First (it also warms lm_eval's datasets cache of the task file for the timed runs).
-    log("fixed costs (--limit 1): lm_eval CLI, then mlora evaluate")
-    fixed = {"lm_eval": run_lm_eval_one(model_dir, adapters[0], task_file, lm_work,
-                                        args.lm_eval_batch_size, limit=1)}
-    fixed["mlora"] = run_mlora(adapters[:1], task_file, limit=1)
-    if not args.no_fixed:
-        res["fixed"] = fixed
-    log(f"(a) mlora evaluate, {n_cmp} adapters")
-    res["mlora_compare"] = run_mlora(adapters[:n_cmp], task_file)
-    log(f"    {res['mlora_compare']['wall_s']:.1f} s")
-    res["lm_eval"] = []
-    for i, adapter in enumerate(adapters[:n_cmp]):
-        log(f"(b) lm_eval CLI, adapter {adapter.name}")
-        res["lm_eval"].append(run_lm_eval_one(model_dir, adapter, task_file,
-                                              lm_work,
-                                              args.lm_eval_batch_size))
-        log(f"    {res['lm_eval'][-1]['wall_s']:.1f} s")
-    res["scaling"] = []
-    for n in counts:
-        if n == n_cmp:
-            res["scaling"].append(res["mlora_compare"])
-            continue
-        log(f"scaling: mlora evaluate, {n} adapters")
-        res["scaling"].append(run_mlora(adapters[:n], task_file))
-        log(f"    {res['scaling'][-1]['wall_s']:.1f} s")
-    log(f"(a) again, after the others: mlora evaluate, {n_cmp} adapters (the noise)")
-    res["mlora_compare_again"] = run_mlora(adapters[:n_cmp], task_file)
-    log(f"    {res['mlora_compare_again']['wall_s']:.1f} s")
-    if not args.no_prefix:
-        log(f"in process: choice_logliks, {n_cmp} adapters, share_prefix True / False")
-        res["prefix"] = in_process_prefix(adapters[:n_cmp], task_file, args.threads,
-                                          args.batch_size)
+    measure(res, args, model_dir, adapters, task_file, work / "lm_eval", n_cmp, counts)
     res["load_end"] = loadavg()
 
     text = markdown(res)

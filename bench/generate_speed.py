@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     variants = {"batched": batched, "peft": one_after_another, "nocache": nocache}
+    report(args, variants, len(ids))
+
+
+def report(args, variants: dict, prompt_tokens: int) -> None:
+    """Run the variants in rotating order, round by round; print the table (and --out)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     outputs = {}
     names = list(variants)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(theirs)})")
     same_nocache = outputs["batched"] == outputs["nocache"]
     result = {"adapters": args.adapters, "new_tokens": args.new_tokens, "rounds": args.rounds,
-              "threads": args.threads, "prompt_tokens": len(ids),
+              "threads": args.threads, "prompt_tokens": prompt_tokens,
               "seconds": times, "median_s": median,
               "tokens_per_s": {k: tokens / v for k, v in median.items()},
               "speedup_vs_peft": median["peft"] / median["batched"],

@@ -71,12 +71,30 @@ def generate(
         _from_engine(engine, list(job or []), prompt, input_text, base or base_only,
                      max_new_tokens, temperature, top_p, seed, raw, as_json)
         return
-    from engine.train.generate import generate_many
-
     folders = list(adapter or [])
     if not folders and not base_model:
         fail("give at least one --adapter (or --base-model with --base)")
     panels = not as_json and (len(folders) + (base and not base_only) > 1)
+    options = dict(input=input_text, include_base=base or (base_only and not folders),
+                   base_only=base_only, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, seed=seed, base_model=base_model,
+                   raw=raw)
+    results, shown = _from_folders(folders, prompt, options, panels)
+    outputs = {g.name: g.text for g in results}
+    if as_json:
+        sys.stdout.write(json.dumps({"outputs": outputs}, ensure_ascii=False) + "\n")
+    elif panels:
+        if not shown:
+            Console(highlight=False).print(_panels(outputs))
+    else:
+        sys.stdout.write(results[0].text + "\n")
+
+
+def _from_folders(folders: list[Path], prompt: str, options: dict, panels: bool):
+    """``generate_many``'s answers; with ``panels`` on a terminal, streamed as panels
+    (returns whether they were shown so)."""
+    from engine.train.generate import generate_many
+
     out = Console(highlight=False)
     texts: dict[str, str] = {}
     live = None
@@ -93,12 +111,9 @@ def generate(
         if live is not None:
             live.start()
         try:
-            results = generate_many(folders, prompt, input=input_text,
-                                    include_base=base or (base_only and not folders),
-                                    base_only=base_only, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed,
-                                    base_model=base_model, raw=raw, on_text=on_text,
-                                    log=lambda m: stderr.print(Text(m, style="dim")))
+            results = generate_many(folders, prompt, on_text=on_text,
+                                    log=lambda m: stderr.print(Text(m, style="dim")),
+                                    **options)
             if live is not None:
                 live.update(_panels({g.name: g.text for g in results}))
         finally:
@@ -106,14 +121,7 @@ def generate(
                 live.stop()
     except UserError as e:
         fail(str(e))
-    outputs = {g.name: g.text for g in results}
-    if as_json:
-        sys.stdout.write(json.dumps({"outputs": outputs}, ensure_ascii=False) + "\n")
-    elif panels:
-        if live is None:
-            out.print(_panels(outputs))
-    else:
-        sys.stdout.write(results[0].text + "\n")
+    return results, live is not None
 
 
 def _panels(texts: dict[str, str]) -> Group:
