@@ -119,7 +119,8 @@ def peft_config(*, r: int, alpha: float, dropout: float, target_modules: list[st
     }
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new names, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -153,7 +154,7 @@ def write_files_atomically(folder: Path, files: dict[str, bytes | dict[str, torc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def write_folder_atomically(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> None:
@@ -177,8 +178,8 @@ def write_folder_atomically(folder: Path, files: dict[str, bytes | dict[str, tor
                 subfolders.add(target.parent)
             _write_file(target, content)
         for sub in subfolders:
-            _fsync_dir(sub)
-        _fsync_dir(tmp)
+            fsync_dir(sub)
+        fsync_dir(tmp)
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -186,7 +187,7 @@ def write_folder_atomically(folder: Path, files: dict[str, bytes | dict[str, tor
                 shutil.rmtree(old)
             os.replace(folder, old)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

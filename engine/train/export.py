@@ -36,7 +36,7 @@ from torch import nn
 from engine.core.config import ModelConfig
 from engine.core.errors import UserError
 from engine.train.adapter_set import attach_saved, base_model_path, check_supported
-from engine.train.adapters import read_adapter_folder
+from engine.train.adapters import fsync_dir, read_adapter_folder
 from engine.train.lora import BatchLayout, LoraAdapter, MultiLoraLinear, dense_weight
 from engine.train.models import _DTYPES, load_base_model
 from engine.train.variants import variant_for
@@ -182,7 +182,7 @@ def write_dir_atomically(folder: Path, write: Callable[[Path], None]) -> None:
             for name in files:
                 with open(os.path.join(root, name), "rb+") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(Path(root))
+            fsync_dir(Path(root))
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)
@@ -193,7 +193,7 @@ def write_dir_atomically(folder: Path, write: Callable[[Path], None]) -> None:
                 os.replace(old, folder)
                 old = None
             raise
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write {folder}: {e}") from None
@@ -202,11 +202,3 @@ def write_dir_atomically(folder: Path, write: Callable[[Path], None]) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

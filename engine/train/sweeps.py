@@ -330,19 +330,6 @@ class Sweeps:
         for sweep in self.sweeps:
             sweep.on_eval(job, result)
 
-    def _prune(self, job: "Job", reason: str) -> None:
-        """End a trial early: its adapter saved as it is now, its state ``pruned``."""
-        engine = self.engine
-        job.optimizer.zero_grad(set_to_none=True)
-        path = engine.adapter_dir(job)
-        try:
-            write_files_atomically(path, engine._adapter_files(job))
-            engine.emit("adapter_saved", job=job.name, step=job.step, path=str(path))
-        except OSError as exc:
-            engine.log(f"{job.name}: pruned, but its adapter could not be saved to {path} "
-                       f"({exc.strerror or exc})", level="warning")
-        engine._set_state(job, PRUNED, reason)
-
     def on_finished(self, job: "Job") -> None:
         for sweep in self.sweeps:
             sweep.on_finished(job)
