@@ -198,3 +198,20 @@ def test_the_example_sweep_config_is_valid():
     (sweep,) = config.sweeps
     assert sweep.n_trials == 6 and sweep.task == "sentiment" and not config.adapters
     assert Path(sweep.base["data"]).is_file()
+
+
+def test_mlora_run_of_a_sweep_with_pruned_trials_exits_0(model_dir, tmp_path):
+    import tempfile
+
+    config = write_sweep(tmp_path, model_dir)
+    with tempfile.TemporaryDirectory(prefix="mls-", dir="/tmp") as runtime:
+        env = {**os.environ, "MLORA_RUNTIME_DIR": runtime, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "mlora_tui.cli", "run", "--json",
+                               str(config)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = {e["job"]: e["state"] for e in map(json.loads, proc.stdout.splitlines())
+              if e["type"] == "job_state"}
+    assert "pruned" in states.values() and set(states.values()) <= {"done", "pruned"}
+    exit_event = [json.loads(line) for line in proc.stdout.splitlines()][-1]
+    assert exit_event["type"] == "engine_exit" and exit_event["code"] == 0
