@@ -17,7 +17,7 @@ import pytest
 from mlora_tui.app import MloraApp
 from mlora_tui.gpu import NO_GPU
 from mlora_tui.widgets.jobs_table import COLUMNS, visible_columns
-from tui_recorded import T0, FixedGpus, recorded_state
+from tui_recorded import T0, FixedGpus, recorded_state, settled
 
 ARC = {"acc": 0.612, "acc_stderr": 0.02, "acc_norm": 0.6305, "acc_norm_stderr": 0.02, "n": 500}
 BOOLQ = {"acc": 0.7, "acc_stderr": 0.03, "n": 200}
@@ -203,34 +203,16 @@ def test_e_is_in_the_footer_and_the_help():
     asyncio.run(scenario())
 
 
-@pytest.fixture
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-async def _settled(pilot) -> None:
-    screen = pilot.app.screen
-    deadline = time.monotonic() + 10
-    while screen.gpu_report is None and time.monotonic() < deadline:
-        await pilot.pause(0.02)
-    screen.redraw()
-    await pilot.pause()
-
-
 def test_layout_80x24_with_scores(snap_compare, utc):
     app = MloraApp(state=scored_state(), gpu_sampler=FixedGpus(NO_GPU))
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settled)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settled)
 
 
 def test_layout_80x24_adapter_tab_with_scores(snap_compare, utc):
     async def run_before(pilot):
-        await _settled(pilot)
+        await settled(pilot)
         await pilot.press("2")
-        await _settled(pilot)
+        await settled(pilot)
 
     app = MloraApp(state=scored_state(), gpu_sampler=FixedGpus(NO_GPU))
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)

@@ -8,33 +8,14 @@ Update them after a deliberate layout change with
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from mlora_tui.app import MloraApp
 from mlora_tui.gpu import NO_GPU
-from tui_recorded import FixedGpus, recorded_state
+from tui_recorded import FixedGpus, recorded_state, settled
 
 
-@pytest.fixture(autouse=True)
-def utc(monkeypatch):
-    """Clock times on screen are local times: pin the zone."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-async def _settled(pilot) -> None:
-    """Wait for the first GPU reading (a thread worker) and the redraw after it."""
-    screen = pilot.app.screen
-    deadline = time.monotonic() + 10
-    while screen.gpu_report is None and time.monotonic() < deadline:
-        await pilot.pause(0.02)
-    screen.redraw()
-    await pilot.pause()
+pytestmark = pytest.mark.usefixtures("utc")   # conftest: local times pinned to UTC
 
 
 def _long_paths(state):
@@ -47,14 +28,14 @@ def _long_paths(state):
 
 def test_layout_80x24_jobs_full_width_and_the_chart_under_tabs(snap_compare):
     app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus(NO_GPU))
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settled)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settled)
 
 
 def test_layout_80x24_adapter_tab_shortens_paths_in_the_middle(snap_compare):
     async def run_before(pilot):
-        await _settled(pilot)
+        await settled(pilot)
         await pilot.press("2")
-        await _settled(pilot)
+        await settled(pilot)
 
     app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus(NO_GPU))
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
@@ -62,9 +43,9 @@ def test_layout_80x24_adapter_tab_shortens_paths_in_the_middle(snap_compare):
 
 def test_layout_80x24_backend_tab(snap_compare):
     async def run_before(pilot):
-        await _settled(pilot)
+        await settled(pilot)
         await pilot.press("3")
-        await _settled(pilot)
+        await settled(pilot)
 
     app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
@@ -72,29 +53,29 @@ def test_layout_80x24_backend_tab(snap_compare):
 
 def test_layout_120x40_with_two_gpus(snap_compare):
     app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
-    assert snap_compare(app, terminal_size=(120, 40), run_before=_settled)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=settled)
 
 
 def test_layout_200x60_with_two_gpus(snap_compare):
     app = MloraApp(state=_long_paths(recorded_state()), gpu_sampler=FixedGpus())
-    assert snap_compare(app, terminal_size=(200, 60), run_before=_settled)
+    assert snap_compare(app, terminal_size=(200, 60), run_before=settled)
 
 
 def test_layout_100x30_without_gpu(snap_compare):
     app = MloraApp(state=recorded_state(), gpu_sampler=FixedGpus(NO_GPU))
-    assert snap_compare(app, terminal_size=(100, 30), run_before=_settled)
+    assert snap_compare(app, terminal_size=(100, 30), run_before=settled)
 
 
 def test_layout_160x45_with_two_gpus(snap_compare):
     app = MloraApp(state=recorded_state(), gpu_sampler=FixedGpus())
-    assert snap_compare(app, terminal_size=(160, 45), run_before=_settled)
+    assert snap_compare(app, terminal_size=(160, 45), run_before=settled)
 
 
 def test_layout_160x45_disconnected_with_every_loss_on_a_paused_job(snap_compare):
     async def run_before(pilot):
-        await _settled(pilot)
+        await settled(pilot)
         await pilot.press("down", "down", "l")
-        await _settled(pilot)
+        await settled(pilot)
 
     app = MloraApp(state=recorded_state(connected=False), gpu_sampler=FixedGpus())
     assert snap_compare(app, terminal_size=(160, 45), run_before=run_before)
@@ -102,7 +83,7 @@ def test_layout_160x45_disconnected_with_every_loss_on_a_paused_job(snap_compare
 
 def test_confirm_modal_100x30(snap_compare):
     async def run_before(pilot):
-        await _settled(pilot)
+        await settled(pilot)
         await pilot.press("x")
 
     app = MloraApp(state=recorded_state(), gpu_sampler=FixedGpus(NO_GPU))

@@ -14,7 +14,6 @@ import asyncio
 import functools
 import json
 import math
-import time
 
 import pytest
 
@@ -23,16 +22,10 @@ from mlora_tui.gpu import NO_GPU
 from mlora_tui.state import EngineState
 from mlora_tui.widgets.jobs_table import FOLD_OVER, group_key, table_rows
 from mlora_tui.widgets.sweep_view import SweepScreen, rung, sparkline, sweeps_renderable
-from tui_recorded import ENGINE_INFO, T0, FixedGpus, recorded_events, recorded_state
+from tui_recorded import ENGINE_INFO, T0, FixedGpus, recorded_events, recorded_state, settled
 
 
-@pytest.fixture(autouse=True)
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("utc")   # conftest: local times pinned to UTC
 
 
 # -- a recorded 12-trial sweep ------------------------------------------------------------
@@ -201,48 +194,38 @@ def _keys(app) -> list[str]:
     return [row.key.value for row in app.screen.jobs_table.ordered_rows]
 
 
-async def _settle(pilot) -> None:
-    screen = pilot.app.screen
-    deadline = time.monotonic() + 10
-    while getattr(screen, "gpu_report", True) is None and time.monotonic() < deadline:
-        await pilot.pause(0.02)
-    if hasattr(screen, "redraw"):
-        screen.redraw()
-    await pilot.pause()
-
-
 @_sync
 async def test_grouped_table_folds_unfolds_and_sorts_within_the_group():
     app = MloraApp(state=sweep_state(), gpu_sampler=FixedGpus(NO_GPU))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _settle(pilot)
+        await settled(pilot)
         screen = app.screen
         assert _keys(app) == ["uppercase", group_key("lr")]
         # On the group row no job is selected: the job keys are dimmed.
         await pilot.press("down")
-        await _settle(pilot)
+        await settled(pilot)
         assert screen.jobs_table.highlighted_sweep == "lr" and screen.selected is None
         assert screen.check_action("pause", ()) is None
         await pilot.press("enter")
-        await _settle(pilot)
+        await settled(pilot)
         trials = [f"lr-{i}" for i in range(TOTAL)]
         assert _keys(app) == ["uppercase", group_key("lr"), *trials]
         assert screen.jobs_table.highlighted_sweep == "lr"
         # Sorted by name, then state, then loss: always within the group.
         await pilot.press("o")
-        await _settle(pilot)
+        await settled(pilot)
         assert screen.sort_column == "name"
         assert _keys(app) == [group_key("lr"), *sorted(trials, key=str.lower), "uppercase"]
         while screen.sort_column != "loss":             # the next shown columns
             await pilot.press("o")
-        await _settle(pilot)
+        await settled(pilot)
         keys = _keys(app)
         by_loss = sorted(trials, key=lambda n: app.state.jobs[n].loss)
         assert keys[keys.index(group_key("lr")) + 1:][:TOTAL] == by_loss
         # Folded again: the trials leave, the cursor stays on the group.
         screen.jobs_table.move_cursor(row=screen.jobs_table.get_row_index(group_key("lr")))
         await pilot.press("enter")
-        await _settle(pilot)
+        await settled(pilot)
         assert set(_keys(app)) == {"uppercase", group_key("lr")}
         assert screen.jobs_table.highlighted_sweep == "lr"
 
@@ -251,14 +234,14 @@ async def test_grouped_table_folds_unfolds_and_sorts_within_the_group():
 async def test_pruned_trial_keys_dimmed_and_w_opens_the_ranked_view():
     app = MloraApp(state=sweep_state(), gpu_sampler=FixedGpus(NO_GPU))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _settle(pilot)
+        await settled(pilot)
         screen = app.screen
         screen.unfolded["lr"] = True
         screen.redraw()
         await pilot.pause()
         for name, expected in (("lr-1", None), ("lr-0", None), ("lr-10", True)):
             screen.jobs_table.move_cursor(row=screen.jobs_table.get_row_index(name))
-            await _settle(pilot)
+            await settled(pilot)
             assert screen.selected == name
             assert screen.check_action("pause", ()) is expected
             if expected is None:        # pruned or done: nothing to pause, resume, cancel, save
@@ -266,7 +249,7 @@ async def test_pruned_trial_keys_dimmed_and_w_opens_the_ranked_view():
                            for a in ("resume", "cancel_job", "save"))
         assert screen.check_action("evaluate", ()) is True      # lr-10 runs
         screen.jobs_table.move_cursor(row=screen.jobs_table.get_row_index("lr-1"))
-        await _settle(pilot)
+        await settled(pilot)
         assert screen.check_action("evaluate", ()) is None      # pruned
         assert screen.check_action("sweeps", ()) is True
         await pilot.press("w")
@@ -289,7 +272,7 @@ async def test_pruned_trial_keys_dimmed_and_w_opens_the_ranked_view():
 async def test_w_is_dimmed_without_a_sweep():
     app = MloraApp(state=recorded_state(), gpu_sampler=FixedGpus(NO_GPU))
     async with app.run_test(size=(120, 40)) as pilot:
-        await _settle(pilot)
+        await settled(pilot)
         assert app.screen.check_action("sweeps", ()) is None
         await pilot.press("w")
         await pilot.pause()
@@ -300,9 +283,9 @@ async def test_w_is_dimmed_without_a_sweep():
 
 def test_snapshot_80x24_grouped_table_unfolded(snap_compare):
     async def run_before(pilot):
-        await _settle(pilot)
+        await settled(pilot)
         await pilot.press("down", "enter")
-        await _settle(pilot)
+        await settled(pilot)
 
     app = MloraApp(state=sweep_state(), gpu_sampler=FixedGpus(NO_GPU))
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
@@ -310,12 +293,12 @@ def test_snapshot_80x24_grouped_table_unfolded(snap_compare):
 
 def test_snapshot_80x24_grouped_table_folded(snap_compare):
     app = MloraApp(state=sweep_state(), gpu_sampler=FixedGpus(NO_GPU))
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settle)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settled)
 
 
 def test_snapshot_80x24_sweep_view(snap_compare):
     async def run_before(pilot):
-        await _settle(pilot)
+        await settled(pilot)
         await pilot.press("w")
         await pilot.pause()
 

@@ -115,3 +115,17 @@ class FixedGpus:
 
     def close(self) -> None:
         pass
+
+
+async def settled(pilot) -> None:
+    """Wait for the first GPU reading (a thread worker) and the redraw after it; on a
+    screen without them (an overlay), only for the next refresh."""
+    import time
+
+    screen = pilot.app.screen
+    deadline = time.monotonic() + 10
+    while getattr(screen, "gpu_report", True) is None and time.monotonic() < deadline:
+        await pilot.pause(0.02)
+    if hasattr(screen, "redraw"):
+        screen.redraw()
+    await pilot.pause()
