@@ -149,13 +149,13 @@ def test_simultaneous_limit_queues_jobs_without_changing_results(tiny_llama, dat
 
 def peft_initial_adapter(model_dir: Path, folder: Path, **lora) -> Path:
     """A PEFT-initialised r=4 adapter on q, v and down_proj with non-zero B (so every term of
-    the math is live), saved to ``folder``; ``lora``: more LoraConfig fields."""
+    the math is live), saved to ``folder``; ``lora``: more (or other) LoraConfig fields."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                             target_modules=["q_proj", "v_proj", "down_proj"],
-                             task_type="CAUSAL_LM", **lora)
+    fields = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+              "target_modules": ["q_proj", "v_proj", "down_proj"], **lora}
+    config = peft.LoraConfig(task_type="CAUSAL_LM", **fields)
     torch.manual_seed(0)
     initial = peft.get_peft_model(base, config)
     with torch.no_grad():

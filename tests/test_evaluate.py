@@ -23,7 +23,7 @@ from engine.train.adapter_set import load_adapter_set
 from engine.train.evaluate import evaluate, label_token_ids
 from engine.train.scoring import HarnessTokens, choice_logliks
 from test_engine_exactness import peft_initial_adapter
-from tiny_models import build_tiny_model, tiny_model_dir
+from tiny_models import tiny_model_dir
 
 # Items of 1-4 choices and unequal lengths: a shared context, contexts that differ after a
 # common start (WinoGrande's shape), a context ending in a space (moved to the
@@ -321,18 +321,7 @@ def test_a_context_past_the_models_length_is_cut_from_the_left_as_lm_eval_does(t
 ], ids=["regex", "all-linear", "patterns"])
 def test_peft_target_forms_and_rank_patterns_load_as_peft_reads_them(tiny_llama, tmp_path,
                                                                       fields):
-    targets = fields.pop("target_modules")
-    folder = tmp_path / "peft"
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
-                             **fields)
-    model = peft.get_peft_model(base, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(folder)
+    folder = peft_initial_adapter(tiny_llama, tmp_path / "peft", **fields)
     aset = load_adapter_set([folder])
     scored = choice_logliks(aset, ITEMS)[aset.rows[0].adapter]
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -344,16 +333,8 @@ def test_peft_target_forms_and_rank_patterns_load_as_peft_reads_them(tiny_llama,
 
 def test_a_regex_adapter_and_a_list_adapter_share_the_wrapped_layers(tiny_llama, adapters,
                                                                      tmp_path):
-    folder = tmp_path / "regex"
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=2, target_modules=r".*\.(q_proj|up_proj)", task_type="CAUSAL_LM"))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(folder)
+    folder = peft_initial_adapter(tiny_llama, tmp_path / "regex", r=2, lora_alpha=8,
+                                  target_modules=r".*\.(q_proj|up_proj)")
     aset = load_adapter_set([adapters["lora"], folder])      # q_proj is wrapped first
     scored = choice_logliks(aset, ITEMS)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
