@@ -24,7 +24,8 @@ from engine.core.errors import UserError
 from engine.core.jobs import CANCELLED, FAILED
 from engine.core.prompts import load_template
 from engine.train.adapter_set import AdapterRow, AdapterSet, BASE_ROW
-from engine.train.adapters import adapter_state_dict, detach_adapter, load_adapter_state
+from engine.train.adapters import (adapter_state_dict, adapter_tensors, detach_adapter,
+                                   load_adapter_state)
 from engine.train.decode import BatchedDecoder, DecodeRow, SamplingSettings
 from engine.train.generate import prompt_ids, stop_ids
 from engine.train.models import find_target_linears
@@ -137,9 +138,8 @@ class Playground:
                                           init_seed=0, device=engine.device)
         load_adapter_state(engine.model, snap, adapter_state_dict(engine.model, job.name),
                            source=f"job {job.name}")
-        for name, param in engine.model.named_parameters():
-            if f".{snap}." in name or name.endswith(f".{snap}"):
-                param.requires_grad_(False)
+        for tensor in adapter_tensors(engine.model, snap).values():
+            tensor.requires_grad_(False)
 
     def advance(self) -> None:
         """One slice of every open generation; each sends its texts so far, and closes

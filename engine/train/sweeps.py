@@ -268,8 +268,7 @@ class Sweep:
         def key(t: Trial):
             value = t.value if t.value is not None else (t.reports[-1][1] if t.reports else None)
             order = {"done": 0, "running": 1, "pruned": 2, "failed": 3}[t.state]
-            return (value is None, order if t.state != "done" else 0,
-                    sign * value if value is not None else 0.0, t.index)
+            return (value is None, order, sign * value if value is not None else 0.0, t.index)
         return sorted(self.trials, key=key)
 
     def summary(self) -> dict:
